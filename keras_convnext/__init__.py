@@ -1,0 +1,27 @@
+"""keras-convnext: ConvNeXt for Keras 3, on TensorFlow, JAX and PyTorch."""
+
+from keras_convnext.layers import ConvNeXtPreprocessing, LayerScale, StochasticDepth
+from keras_convnext.model import (
+    ConvNeXt,
+    ConvNeXtAtto,
+    ConvNeXtBase,
+    ConvNeXtFemto,
+    ConvNeXtLarge,
+    ConvNeXtNano,
+    ConvNeXtPico,
+    ConvNeXtSmall,
+    ConvNeXtTiny,
+    ConvNeXtXLarge,
+    feature_pyramid,
+)
+from keras_convnext.preprocessing import (
+    decode_predictions,
+    eval_transform,
+    imagenet_classes,
+    load_image,
+    preprocess_input,
+)
+from keras_convnext.presets import Preset, get_preset, list_presets
+from keras_convnext.variants import VARIANTS
+
+__version__ = "0.1.0"

@@ -1,0 +1,122 @@
+"""The custom layers of ConvNeXt. Everything else is a stock Keras layer."""
+
+import keras
+from keras import ops
+
+PACKAGE = "keras_convnext"
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class ConvNeXtPreprocessing(keras.layers.Layer):
+    """Maps raw pixels in [0, 255] to the normalised input the weights expect.
+
+    `x / 255`, then `(x - mean) / std` per channel, folded into one
+    multiply-add. Accepts any float or integer input dtype.
+
+    Args:
+        mean: per-channel mean of [0, 1] pixels (3 floats).
+        std: per-channel standard deviation of [0, 1] pixels (3 floats).
+    """
+
+    def __init__(self, mean, std, **kwargs):
+        super().__init__(**kwargs)
+        mean, std = [float(m) for m in mean], [float(s) for s in std]
+        if len(mean) != 3 or len(std) != 3:
+            raise ValueError(
+                "`mean` and `std` need one value per RGB channel. "
+                f"Received: mean={mean}, std={std}"
+            )
+        if min(std) <= 0:
+            raise ValueError(f"`std` must be positive. Received: std={std}")
+        self.mean = mean
+        self.std = std
+        self._scale = [1.0 / (255.0 * s) for s in std]
+        self._offset = [-m / s for m, s in zip(mean, std)]
+
+    def call(self, inputs):
+        x = ops.cast(inputs, self.compute_dtype)
+        scale = ops.convert_to_tensor(self._scale, dtype=self.compute_dtype)
+        offset = ops.convert_to_tensor(self._offset, dtype=self.compute_dtype)
+        return x * scale + offset
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"mean": self.mean, "std": self.std})
+        return config
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class LayerScale(keras.layers.Layer):
+    """Multiplies the channels by a learned vector `gamma` (CaiT's layer scale).
+
+    Args:
+        init_value: initial value of every entry of `gamma` (1e-6 in ConvNeXt).
+    """
+
+    def __init__(self, init_value=1e-6, **kwargs):
+        super().__init__(**kwargs)
+        self.init_value = float(init_value)
+
+    def build(self, input_shape):
+        self.gamma = self.add_weight(
+            name="gamma",
+            shape=(input_shape[-1],),
+            initializer=keras.initializers.Constant(self.init_value),
+        )
+
+    def call(self, inputs):
+        return inputs * ops.cast(self.gamma, inputs.dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"init_value": self.init_value})
+        return config
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class StochasticDepth(keras.layers.Layer):
+    """Drops the whole residual branch of a sample with probability `rate`.
+
+    Per sample, as in the paper (Huang et al. 2016): kept samples are scaled by
+    `1 / (1 - rate)` so that the expectation is unchanged; identity at
+    inference. The layer owns its `SeedGenerator`, so it draws fresh masks at
+    every step under a jit-compiled `fit` on every backend.
+
+    Args:
+        rate: drop probability in [0, 1).
+        seed: optional integer seed of the layer's generator.
+    """
+
+    def __init__(self, rate, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        rate = float(rate)
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"`rate` must be in [0, 1). Received: rate={rate}")
+        self.rate = rate
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, inputs, training=None):
+        if not training or self.rate == 0.0:
+            return inputs
+        keep = 1.0 - self.rate
+        # One draw per sample, broadcast over H, W and C.
+        shape = (ops.shape(inputs)[0],) + (1,) * (len(inputs.shape) - 1)
+        # The draw stays float32: keep + noise rounded in bfloat16 would bias the mask.
+        noise = keras.random.uniform(shape, seed=self.seed_generator, dtype="float32")
+        mask = ops.floor(keep + noise) / keep
+        return inputs * ops.cast(mask, inputs.dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"rate": self.rate, "seed": self.seed})
+        return config
