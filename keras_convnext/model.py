@@ -309,4 +309,4 @@ def feature_pyramid(model, norm=True):
         if norm:
             x = _layer_norm(f"norm{stage}", dtype=layer.dtype_policy)(x)
         outputs[PYRAMID_LEVELS[stage]] = x
-    return keras.Model(model.inputs, outputs, name=f"{model.name}_pyramid")
+    return keras.Model(model.input, outputs, name=f"{model.name}_pyramid")

@@ -1,0 +1,94 @@
+"""The `keras-convnext` command line. Commands parse arguments and call the library."""
+
+import argparse
+import json
+import sys
+
+
+def _cmd_demo(args):
+    from keras_convnext.demo import run_demo
+
+    result = run_demo(epochs=args.epochs, batch_size=args.batch_size, verbose=2)
+    print(
+        f"ConvNeXt-Atto on scikit-learn digits ({result['train']} train / {result['test']} held out, "
+        f"32x32, {args.epochs} epochs, backend {result['backend']}): held-out accuracy "
+        f"{result['accuracy']:.4f} in {result['seconds']:.0f} s"
+    )
+
+
+def _cmd_predict(args):
+    from keras_convnext.predict import predict_files
+
+    results = predict_files(args.images, preset=args.preset, weights=args.weights, top=args.top)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return
+    for item in results:
+        print(item["image"])
+        for rank, p in enumerate(item["predictions"], 1):
+            print(f"  {rank}. {p['name']:<30} {p['wordnet_id']}  {p['probability']:.4f}")
+
+
+def _cmd_convert(args):
+    from keras_convnext.weights import convert
+
+    path = convert(args.src, args.dst, variant=args.variant, overwrite=args.overwrite)
+    print(f"wrote {path}")
+
+
+def _later(issue):
+    def run(args):
+        sys.exit(f"keras-convnext {args.command}: not part of this release yet (tracked in issue {issue}).")
+
+    return run
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="keras-convnext",
+        description="ConvNeXt for Keras 3: predict, train, export, convert and benchmark.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="train ConvNeXt-Atto on scikit-learn's digits, print held-out accuracy")
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("predict", help="classify image files with a pretrained ConvNeXt")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--preset", help="preset name (default: convnext_tiny.fb_in22k_ft_in1k)")
+    source.add_argument("--weights", help="checkpoint file (any supported format)")
+    p.add_argument("--top", type=int, default=5)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("convert", help="convert a checkpoint to a Keras .weights.h5 or .keras file")
+    p.add_argument("src", metavar="SRC", help="checkpoint file or preset name")
+    p.add_argument("dst", metavar="DST", help="output path ending in .weights.h5 or .keras")
+    p.add_argument("--variant", help="variant name, when SRC's layout does not say (atto..xlarge)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_convert)
+
+    for name, issue, text in [
+        ("train", 6, "train with the paper's recipes (not yet in this release)"),
+        ("export", 7, "export to SavedModel, ONNX or LiteRT (not yet in this release)"),
+        ("benchmark", 5, "throughput and memory against timm (not yet in this release)"),
+    ]:
+        p = sub.add_parser(name, help=text)
+        p.add_argument("args", nargs=argparse.REMAINDER)
+        p.set_defaults(func=_later(issue))
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ValueError as e:
+        sys.exit(f"keras-convnext {args.command}: error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""Classifying image files with a pretrained ConvNeXt (the `predict` command's logic)."""
+
+import numpy as np
+
+from keras_convnext import presets as presets_lib
+from keras_convnext.preprocessing import decode_predictions, load_image
+
+DEFAULT_PRESET = "convnext_tiny.fb_in22k_ft_in1k"
+
+
+def predict_files(paths, preset=None, weights=None, top=5, batch_size=8):
+    """Returns [{"image", "predictions": [{"wordnet_id", "name", "probability"}]}] per image.
+
+    Images go through the preset's evaluation transform (size, crop_pct, bicubic). With a
+    checkpoint file instead of a preset, the architecture is read from the file and the
+    224 px ImageNet transform is used.
+    """
+    from keras_convnext import model as model_lib
+    from keras_convnext import weights as weights_lib
+
+    if weights is None:
+        preset_obj = presets_lib.get_preset(preset or DEFAULT_PRESET)
+        if preset_obj.classes != 1000:
+            raise ValueError(
+                "`predict` names ImageNet-1k classes; this preset has "
+                f"{preset_obj.classes}. Received: preset={preset!r}"
+            )
+        variant = model_lib.VARIANTS[preset_obj.variant]
+        model = model_lib.ConvNeXt(variant.depths, variant.dims, weights=preset_obj.name)
+        transform = {"preset": preset_obj}
+    else:
+        layers, info = weights_lib.read_weights(weights)
+        if layers is None:
+            raise ValueError(
+                "`predict --weights` takes a checkpoint or a .keras file, not a bare .weights.h5 "
+                f"(which holds no architecture). Received: weights={weights!r}"
+            )
+        if info["format"] == "keras":
+            layers = weights_lib._read_keras_file(weights, info)
+        depths, dims, classes = weights_lib.architecture_of(layers)
+        if classes != 1000:
+            raise ValueError(
+                "`predict` names ImageNet-1k classes; this checkpoint's head has "
+                f"{classes} outputs. Received: weights={weights!r}"
+            )
+        model = model_lib.ConvNeXt(depths, dims, weights=weights)
+        transform = {}
+    if not 1 <= top <= 1000:
+        raise ValueError(f"`top` must be in [1, 1000]. Received: top={top}")
+    images = np.stack([load_image(p, **transform) for p in paths])
+    probs = model.predict(images, batch_size=batch_size, verbose=0)
+    return [
+        {"image": str(path),
+         "predictions": [{"wordnet_id": w, "name": n, "probability": round(p, 6)} for w, n, p in decoded]}
+        for path, decoded in zip(paths, decode_predictions(probs, top=top))
+    ]

@@ -1,0 +1,320 @@
+import os
+import re
+
+import keras
+import numpy as np
+import pytest
+from conftest import TINY
+
+import keras_convnext as kc
+from keras_convnext.layers import StochasticDepth
+
+BUILDERS = {
+    "atto": kc.ConvNeXtAtto, "femto": kc.ConvNeXtFemto, "pico": kc.ConvNeXtPico,
+    "nano": kc.ConvNeXtNano, "tiny": kc.ConvNeXtTiny, "small": kc.ConvNeXtSmall,
+    "base": kc.ConvNeXtBase, "large": kc.ConvNeXtLarge, "xlarge": kc.ConvNeXtXLarge,
+}
+EXPECTED_PARAMS = {
+    "atto": 3_695_520, "femto": 5_217_784, "pico": 9_045_672, "nano": 15_593_560,
+    "tiny": 28_589_128, "small": 50_223_688, "base": 88_591_464, "large": 197_767_336,
+    "xlarge": 350_196_968,
+}
+
+
+def tiny(**kwargs):
+    kwargs = {"weights": None, "input_shape": (32, 32, 3), "classes": 7, **kwargs}
+    return kc.ConvNeXt(TINY["depths"], TINY["dims"], **kwargs)
+
+
+@pytest.mark.parametrize("variant", list(EXPECTED_PARAMS))
+def test_parameter_count_of_every_variant(variant):
+    model = BUILDERS[variant](weights=None)
+    assert model.count_params() == EXPECTED_PARAMS[variant]
+    assert model.name == f"convnext_{variant}"
+    assert BUILDERS[variant].__name__ == f"ConvNeXt{variant.capitalize() if variant != 'xlarge' else 'XLarge'}"
+
+
+def test_blocks_use_a_real_depthwise_conv_and_official_names():
+    model = kc.ConvNeXtAtto(weights=None)
+    layer = model.get_layer("stages_2_5_dwconv")
+    assert type(layer) is keras.layers.DepthwiseConv2D
+    assert layer.kernel.shape == (7, 7, 160, 1)
+    assert model.get_layer("stages_2_5_pwconv1").kernel.shape == (160, 640)
+    assert model.get_layer("stages_2_5_gamma").gamma.shape == (160,)
+    names = [l.name for l in model.layers]
+    assert names[:4] == ["images", "preprocessing", "downsample_layers_0_0", "downsample_layers_0_1"]
+    assert names[-4:] == ["avg_pool", "norm", "head", "predictions"]
+    assert model.get_layer("stages_0_0_pwconv1").activation.__name__ == "gelu"
+
+
+@pytest.mark.parametrize(
+    "include_top, pooling, shape",
+    [(True, None, (2, 7)), (True, "avg", (2, 7)), (True, "max", (2, 7)),
+     (False, None, (2, 1, 1, 32)), (False, "avg", (2, 32)), (False, "max", (2, 32))],
+)
+def test_output_shapes(include_top, pooling, shape, images):
+    model = tiny(include_top=include_top, pooling=pooling)
+    assert tuple(model(images).shape) == shape
+
+
+def test_flexible_input_size():
+    model = tiny(include_top=False, input_shape=(None, None, 3))
+    out = model(np.zeros((1, 96, 64, 3), "float32"))
+    assert tuple(out.shape) == (1, 3, 2, 32)
+
+
+def test_pooling_none_returns_the_raw_stage4_map(images):
+    model = tiny(include_top=False)
+    assert model.layers[-1].name == "stages_3_0_add"
+    assert not any(isinstance(l, keras.layers.LayerNormalization) and l.name == "norm" for l in model.layers)
+
+
+@pytest.mark.parametrize("pooling", ["avg", "max"])
+def test_pooled_features_are_what_the_classifier_sees(pooling, images):
+    top = tiny(pooling=pooling)
+    features = tiny(include_top=False, pooling=pooling)
+    for layer in features.layers:
+        layer.set_weights(top.get_layer(layer.name).get_weights())
+    seen = keras.Model(top.input, top.get_layer("norm").output)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(features(images)),
+                               keras.ops.convert_to_numpy(seen(images)), atol=1e-6)
+    assert top.get_layer(f"{pooling}_pool") is not None
+
+
+def test_classifier_activation(images):
+    probs = keras.ops.convert_to_numpy(tiny()(images))
+    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
+    logits = keras.ops.convert_to_numpy(tiny(classifier_activation=None)(images))
+    assert logits.min() < 0 or logits.max() > 1 or not np.allclose(logits.sum(-1), 1.0)
+
+
+def test_head_init_scale_scales_the_head():
+    a = tiny(head_init_scale=1.0).get_layer("head").kernel
+    b = tiny(head_init_scale=0.001).get_layer("head").kernel
+    ratio = float(np.std(keras.ops.convert_to_numpy(b)) / np.std(keras.ops.convert_to_numpy(a)))
+    assert 0.0005 < ratio < 0.002
+
+
+def test_layer_scale_init_value():
+    model = tiny(layer_scale_init_value=0.5)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(model.get_layer("stages_1_0_gamma").gamma), 0.5)
+    assert not any(isinstance(l, kc.LayerScale) for l in tiny(layer_scale_init_value=None).layers)
+
+
+def test_integer_and_float_pixels_give_the_same_output(images):
+    model = tiny()
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(model(images)),
+                               keras.ops.convert_to_numpy(model(images.astype("float32"))), atol=1e-6)
+    np.testing.assert_allclose(model.predict(images, verbose=0),
+                               keras.ops.convert_to_numpy(model(images.astype("float32"))), atol=1e-5)
+
+
+def test_preprocessing_layer_matches_preprocess_input(images):
+    with_layer = tiny()
+    without = tiny(include_preprocessing=False)
+    for layer in without.layers:
+        layer.set_weights(with_layer.get_layer(layer.name).get_weights())
+    a = keras.ops.convert_to_numpy(with_layer(images))
+    b = keras.ops.convert_to_numpy(without(kc.preprocess_input(images)))
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    layer = with_layer.get_layer("preprocessing")
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(layer(images)), kc.preprocess_input(images), atol=1e-5)
+    tensor_version = keras.ops.convert_to_numpy(kc.preprocess_input(keras.ops.convert_to_tensor(images)))
+    np.testing.assert_allclose(tensor_version, kc.preprocess_input(images), atol=1e-5)
+    # (255 / 255 - 0.485) / 0.229 for red, channel by channel.
+    np.testing.assert_allclose(kc.preprocess_input(np.full((1, 1, 3), 255)),
+                               [[[(1 - 0.485) / 0.229, (1 - 0.456) / 0.224, (1 - 0.406) / 0.225]]], rtol=1e-6)
+
+
+# --- feature pyramid ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("include_top", [True, False])
+def test_feature_pyramid_shapes_and_keys(include_top):
+    model = tiny(include_top=include_top, input_shape=(64, 64, 3))
+    pyramid = kc.feature_pyramid(model)
+    out = pyramid(np.zeros((2, 64, 64, 3), "float32"))
+    assert sorted(out) == ["P2", "P3", "P4", "P5"]
+    assert {k: tuple(v.shape) for k, v in out.items()} == {
+        "P2": (2, 16, 16, 8), "P3": (2, 8, 8, 16), "P4": (2, 4, 4, 24), "P5": (2, 2, 2, 32)}
+    assert [pyramid.get_layer(f"norm{i}").epsilon for i in range(4)] == [1e-6] * 4
+
+
+def test_feature_pyramid_norm_false_is_the_raw_stage_outputs(images):
+    model = tiny(include_top=False)
+    raw = kc.feature_pyramid(model, norm=False)(images)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(raw["P5"]),
+                               keras.ops.convert_to_numpy(model(images)), atol=1e-6)
+    normed = kc.feature_pyramid(model)(images)["P5"]
+    x = keras.ops.convert_to_numpy(raw["P5"])
+    ref = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-6)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(normed), ref, atol=1e-4)
+
+
+def test_feature_pyramid_refuses_a_foreign_model():
+    other = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Conv2D(4, 3)], name="foreign")
+    with pytest.raises(ValueError, match=r"keras_convnext.*Received: model='foreign'"):
+        kc.feature_pyramid(other)
+
+
+# --- stochastic depth --------------------------------------------------------------------------
+
+def test_drop_path_rates_follow_the_linear_rule():
+    model = kc.ConvNeXtTiny(weights=None, include_top=False)  # default drop_path_rate 0.1, 18 blocks
+    rates = {l.name: l.rate for l in model.layers if isinstance(l, StochasticDepth)}
+    assert len(rates) == 17  # block 0 has rate 0: no layer
+    assert rates["stages_3_2_drop_path"] == pytest.approx(0.1)
+    assert rates["stages_0_1_drop_path"] == pytest.approx(0.1 * 1 / 17)
+    assert rates["stages_2_0_drop_path"] == pytest.approx(0.1 * 6 / 17)
+    assert kc.ConvNeXtSmall(weights=None, include_top=False).get_layer("stages_3_2_drop_path").rate == pytest.approx(0.4)
+
+
+def test_stochastic_depth_is_per_sample_and_off_at_inference():
+    layer = StochasticDepth(0.5, seed=3)
+    x = np.ones((64, 4, 4, 8), "float32")
+    out = keras.ops.convert_to_numpy(layer(x, training=True))
+    per_sample = out.reshape(64, -1)
+    assert set(np.unique(per_sample)) <= {0.0, 2.0}
+    assert np.all(per_sample.min(1) == per_sample.max(1))  # one draw per sample
+    assert 10 < (per_sample[:, 0] == 0).sum() < 54
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(layer(x, training=False)), x)
+    second = keras.ops.convert_to_numpy(layer(x, training=True))
+    assert not np.array_equal(out, second)  # the generator advances
+
+
+def test_stochastic_depth_changes_training_outputs_not_inference(images):
+    model = tiny(drop_path_rate=0.5, layer_scale_init_value=1.0)
+    plain = tiny(drop_path_rate=0.0, layer_scale_init_value=1.0)
+    for layer in plain.layers:
+        layer.set_weights(model.get_layer(layer.name).get_weights())
+    x = np.repeat(images, 8, axis=0)
+    infer = keras.ops.convert_to_numpy(model(x, training=False))
+    np.testing.assert_allclose(infer, keras.ops.convert_to_numpy(plain(x, training=False)), atol=1e-6)
+    np.testing.assert_allclose(infer, keras.ops.convert_to_numpy(model(x, training=False)), atol=0)
+    train = keras.ops.convert_to_numpy(model(x, training=True))
+    assert np.abs(train - infer).max() > 1e-3
+
+
+def test_stochastic_depth_trains_under_jit_compiled_fit(images):
+    model = tiny(drop_path_rate=0.5, layer_scale_init_value=1.0, classes=3)
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", jit_compile="auto")
+    layer = model.get_layer("stages_3_0_drop_path")
+    before = keras.ops.convert_to_numpy(layer.seed_generator.state).copy()
+    x = np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3)).astype("uint8")
+    y = np.arange(16) % 3
+    history = model.fit(x, y, batch_size=8, epochs=2, verbose=0)
+    after = keras.ops.convert_to_numpy(layer.seed_generator.state)
+    assert not np.array_equal(before, after)  # a fresh mask each step
+    assert np.isfinite(history.history["loss"]).all()
+
+
+# --- serialization -----------------------------------------------------------------------------
+
+def test_keras_round_trip_is_bit_exact_without_custom_objects(tmp_path, images):
+    model = tiny(drop_path_rate=0.3, layer_scale_init_value=0.1)
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(loaded(images)),
+                                  keras.ops.convert_to_numpy(model(images)))
+    assert [l.name for l in loaded.layers] == [l.name for l in model.layers]
+    assert isinstance(loaded.get_layer("stages_3_0_drop_path"), StochasticDepth)
+
+
+@pytest.mark.parametrize("layer, config", [
+    (kc.ConvNeXtPreprocessing([0.5, 0.4, 0.3], [0.2, 0.2, 0.1]), {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.2, 0.1]}),
+    (kc.LayerScale(0.25), {"init_value": 0.25}),
+    (StochasticDepth(0.2, seed=7), {"rate": 0.2, "seed": 7}),
+])
+def test_get_config_returns_the_constructor_arguments(layer, config):
+    got = layer.get_config()
+    base = keras.layers.Layer().get_config()
+    assert {k: v for k, v in got.items() if k not in base} == config
+    clone = type(layer).from_config(got)
+    assert clone.get_config() == got
+
+
+# --- mixed precision ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+def test_mixed_precision_runs_with_float32_output_close_to_float32(policy, images):
+    reference = tiny(classifier_activation=None)
+    keras.config.set_dtype_policy(policy)
+    mixed = tiny(classifier_activation=None)
+    for layer in mixed.layers:
+        layer.set_weights(reference.get_layer(layer.name).get_weights())
+    assert mixed.get_layer("stages_1_0_pwconv1").compute_dtype == policy.split("_")[1]
+    out = mixed(images)
+    assert keras.backend.standardize_dtype(out.dtype) == "float32"
+    pooled = kc.ConvNeXt(TINY["depths"], TINY["dims"], weights=None, include_top=False, pooling="avg")(images)
+    assert keras.backend.standardize_dtype(pooled.dtype) == "float32"
+    ref = keras.ops.convert_to_numpy(reference(images))
+    tol = 0.05 if policy == "mixed_bfloat16" else 0.01
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(out), ref, atol=tol * np.abs(ref).max())
+
+
+def test_layernorm_statistics_stay_float32_under_float16():
+    keras.config.set_dtype_policy("mixed_float16")
+    model = tiny(include_top=False)
+    norm = model.get_layer("stages_1_0_norm")
+    # Values near 300: their squares overflow float16 (max 65504) if the variance is taken in it.
+    x = (300.0 + 200.0 * np.random.default_rng(0).standard_normal((2, 4, 4, 16))).astype("float16")
+    out = keras.ops.convert_to_numpy(norm(x)).astype("float32")
+    xf = x.astype("float32")
+    ref = (xf - xf.mean(-1, keepdims=True)) / np.sqrt(xf.var(-1, keepdims=True) + 1e-6)
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out, ref, atol=0.02)
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"pooling": "min"}, r"`pooling`.*Received: pooling='min'"),
+    ({"pooling": "mean", "include_top": False}, r"`pooling`.*Received: pooling='mean'"),
+    ({"input_shape": (16, 64, 3)}, r"at least 32x32.*Received: input_shape=\(16, 64, 3\)"),
+    ({"input_shape": (64, 64, 1)}, r"3 channels.*Received: input_shape=\(64, 64, 1\)"),
+    ({"input_shape": (64, 64)}, r"Received: input_shape=\(64, 64\)"),
+    ({"classes": 0}, r"`classes`.*Received: classes=0"),
+    ({"weights": "imagenet21k"}, r"Unknown `weights`.*convnext_atto.d2_in1k.*Received: weights='imagenet21k'"),
+    ({"drop_path_rate": 1.0}, r"Received: drop_path_rate=1.0"),
+])
+def test_bad_arguments_raise_clear_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        kc.ConvNeXtAtto(**{"weights": None, **kwargs})
+
+
+def test_input_tensor_is_checked_too():
+    with pytest.raises(ValueError, match=r"at least 32x32.*Received: input_shape=\(8, 8, 3\)"):
+        kc.ConvNeXtAtto(weights=None, input_tensor=keras.Input((8, 8, 3)))
+    model = kc.ConvNeXt(TINY["depths"], TINY["dims"], weights=None, input_tensor=keras.Input((48, 48, 3)))
+    assert model.input_shape == (None, 48, 48, 3)
+
+
+@pytest.mark.parametrize("depths, dims, shown", [
+    ((1, 1, 1), (8, 8, 8, 8), r"\(1, 1, 1\), dims=\(8, 8, 8, 8\)"),
+    ((1, 1, 1, 1, 1), (8, 8, 8, 8, 8), r"\(1, 1, 1, 1, 1\)"),
+    ((1, 1, 1, 1), (8, 8, 8), r"dims=\(8, 8, 8\)"),
+])
+def test_depths_and_dims_of_wrong_length(depths, dims, shown):
+    with pytest.raises(ValueError, match=r"four stages.*Received: depths=.*" + shown):
+        kc.ConvNeXt(depths, dims, weights=None)
+
+
+def test_imagenet_weights_need_a_named_variant():
+    with pytest.raises(ValueError, match=r"named variants.*Received: weights='imagenet'"):
+        kc.ConvNeXt(TINY["depths"], TINY["dims"])
+
+
+def test_arguments_are_checked_before_any_download(monkeypatch):
+    from keras_convnext import weights as weights_lib
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a file was fetched before the arguments were checked")
+
+    monkeypatch.setattr(weights_lib, "fetch_preset", no_network)
+    monkeypatch.setattr(weights_lib, "download", no_network)
+    with pytest.raises(ValueError, match="Received: pooling='sum'"):
+        kc.ConvNeXtTiny(pooling="sum")
+    with pytest.raises(ValueError, match="Received: classes=-3"):
+        kc.ConvNeXtTiny(classes=-3)
+    with pytest.raises(ValueError, match=r"ConvNeXt-Small weights.*Received: weights='convnext_small.fb_in1k'"):
+        kc.ConvNeXtTiny(weights="convnext_small.fb_in1k")
