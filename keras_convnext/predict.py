@@ -35,8 +35,6 @@ def predict_files(paths, preset=None, weights=None, top=5, batch_size=8):
                 "`predict --weights` takes a checkpoint or a .keras file, not a bare .weights.h5 "
                 f"(which holds no architecture). Received: weights={weights!r}"
             )
-        if info["format"] == "keras":
-            layers = weights_lib._read_keras_file(weights, info)
         depths, dims, classes = weights_lib.architecture_of(layers)
         if classes != 1000:
             raise ValueError(

@@ -160,12 +160,18 @@ _PARAM_ORDER = {
 
 
 def read_weights(path):
-    """Reads any supported checkpoint file -> ({layer: {param: array}}, info dict)."""
+    """Reads any supported checkpoint file -> ({layer: {param: array}}, info dict).
+
+    The layers are None for a Keras `.weights.h5`, which names variables by position and so
+    loads only through `model.load_weights` into the architecture it came from.
+    """
     path = os.fspath(path)
     fmt = checkpoints.sniff_format(path)
     info = {"format": fmt, "path": path}
-    if fmt in ("keras", "keras_weights_h5"):
-        return None, info  # Keras's own files load through Keras (see load_weights)
+    if fmt == "keras_weights_h5":
+        return None, info
+    if fmt == "keras":
+        return _read_keras_file(path, info), info
     if fmt == "keras_h5_legacy":
         return keras_apps_to_keras(checkpoints.load_keras_h5_legacy(path), path), info
     raw = checkpoints.load_torch_zip(path) if fmt == "torch_zip" else checkpoints.load_safetensors(path)
@@ -289,8 +295,6 @@ def load_weights(model, weights, preset=None, include_top=True, classes=1000, he
                 "configurations."
             ) from e
         return
-    if info["format"] == "keras":
-        layers = _read_keras_file(path, info)
     notes = assign(model, layers, path, head_init_scale)
     if "norm_epsilon" in info and "norm" in {layer.name for layer in model.layers}:
         model.get_layer("norm").epsilon = float(info["norm_epsilon"])
@@ -428,9 +432,7 @@ def convert(src, dst, variant=None, preset=None, overwrite=False):
     elif not os.path.isfile(src):
         raise ValueError(f"No checkpoint file or preset of that name. Received: src={src!r}")
     layers, info = read_weights(src)
-    if info["format"] == "keras":
-        layers = _read_keras_file(src, info)
-    elif layers is None:
+    if layers is None:
         raise CheckpointError(
             f"{src}: a Keras .weights.h5 names its variables by position, not by layer, so it cannot "
             "be converted on its own: load it into the model it was saved from instead."
