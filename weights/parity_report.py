@@ -1,0 +1,63 @@
+"""Prints the logit parity of every checkpoint format against its randomly initialised peer.
+
+    KERAS_BACKEND=jax python weights/parity_report.py
+
+The same comparisons as tests/test_weights.py, printed as figures (max |logit difference|).
+"""
+
+import os
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+import torch  # noqa: E402  (before TensorFlow, see tests/conftest.py)
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from peers import TINY_DEPTHS, TINY_DIMS, hf_model, keras_apps_tiny, timm_model, timm_to_official, torch_logits  # noqa: E402
+
+import keras_convnext as kc  # noqa: E402
+
+
+def main():
+    pixels = np.random.default_rng(1).integers(0, 256, (4, 64, 64, 3)).astype("uint8")
+    folder = tempfile.mkdtemp()
+    rows = []
+
+    def check(label, build, expected):
+        ours = build().predict(pixels, verbose=0)
+        rows.append((label, float(np.abs(ours - expected).max()), float(np.abs(expected).max())))
+
+    for arch, builder in (("convnext_atto", kc.ConvNeXtAtto), ("convnext_tiny", kc.ConvNeXtTiny)):
+        peer = timm_model(arch, num_classes=1000)
+        expected = torch_logits(peer, pixels)
+        for label, path, obj in ((f"timm {arch} .pth", f"{arch}.pth", peer.state_dict()),
+                                 (f"official-layout {arch} .pth", f"official_{arch}.pth",
+                                  {"model": timm_to_official(peer.state_dict())})):
+            torch.save(obj, os.path.join(folder, path))
+            check(label, lambda p=path, b=builder: b(weights=os.path.join(folder, p), input_shape=(64, 64, 3),
+                                                    classifier_activation=None), expected)
+        if arch == "convnext_atto":
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in peer.state_dict().items()}, os.path.join(folder, "a.safetensors"))
+            check(f"timm {arch} .safetensors", lambda: builder(weights=os.path.join(folder, "a.safetensors"),
+                                                               input_shape=(64, 64, 3), classifier_activation=None),
+                  expected)
+    hf = hf_model(num_labels=10)
+    hf.save_pretrained(os.path.join(folder, "hf"))
+    check("Hugging Face ConvNextForImageClassification", lambda: kc.ConvNeXt(
+        TINY_DEPTHS, TINY_DIMS, weights=os.path.join(folder, "hf", "model.safetensors"), classes=10,
+        input_shape=(64, 64, 3), classifier_activation=None), torch_logits(hf, pixels))
+    apps = keras_apps_tiny(os.path.join(folder, "apps.h5"))
+    check("keras.applications ConvNeXtTiny .h5", lambda: kc.ConvNeXtTiny(
+        weights=os.path.join(folder, "apps.h5"), input_shape=(64, 64, 3), classifier_activation=None),
+        apps.predict(pixels, verbose=0))
+    print(f"backend {keras.backend.backend()}")
+    print("| format | max abs logit diff | max abs logit |")
+    print("|---|---|---|")
+    for label, diff, scale in rows:
+        print(f"| {label} | {diff:.2e} | {scale:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
