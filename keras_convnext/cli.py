@@ -4,6 +4,8 @@ import argparse
 import json
 import sys
 
+VARIANT_NAMES = ("atto", "femto", "pico", "nano", "tiny", "small", "base", "large", "xlarge")
+
 
 def _cmd_demo(args):
     from keras_convnext.demo import run_demo
@@ -34,6 +36,33 @@ def _cmd_convert(args):
 
     path = convert(args.src, args.dst, variant=args.variant, overwrite=args.overwrite)
     print(f"wrote {path}")
+
+
+def _cmd_benchmark(args):
+    from keras_convnext import benchmark
+
+    backends = benchmark.BACKENDS if args.backends == ["all"] else args.backends
+    specs = benchmark.plan(variant=args.variant, image_size=args.image_size, batch_size=args.batch_size,
+                           precisions=args.precision, modes=args.mode, backends=backends,
+                           peers=not args.no_peers, steps=args.steps, warmup=args.warmup)
+    results = benchmark.run(specs, progress=True)
+    print()
+    print(benchmark.table(results))
+    if args.json:
+        _write_json(args.json, results)
+        print(f"wrote {args.json}")
+    if args.plot:
+        benchmark.plot(results, args.plot)
+        print(f"wrote {args.plot}")
+
+
+def _write_json(path, data):
+    import os
+
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
 
 
 def _later(issue):
@@ -74,11 +103,24 @@ def build_parser():
     for name, issue, text in [
         ("train", 6, "train with the paper's recipes (not yet in this release)"),
         ("export", 7, "export to SavedModel, ONNX or LiteRT (not yet in this release)"),
-        ("benchmark", 5, "throughput and memory against timm (not yet in this release)"),
     ]:
         p = sub.add_parser(name, help=text)
         p.add_argument("args", nargs=argparse.REMAINDER)
         p.set_defaults(func=_later(issue))
+    p = sub.add_parser("benchmark", help="throughput and peak memory, side by side with keras.applications and timm")
+    p.add_argument("--variant", default="tiny", choices=sorted(VARIANT_NAMES))
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--precision", nargs="+", default=["float32"], help="float32 and/or mixed_bfloat16")
+    p.add_argument("--mode", nargs="+", default=["inference", "training"])
+    p.add_argument("--backends", nargs="+", default=None,
+                   help="tensorflow, jax, torch, or 'all' (default: the current backend)")
+    p.add_argument("--steps", type=int, default=6, help="timed batches per measurement")
+    p.add_argument("--warmup", type=int, default=2, help="untimed batches first (compilation)")
+    p.add_argument("--no-peers", action="store_true", help="measure keras_convnext only")
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--plot", help="write a bar chart (PNG) here")
+    p.set_defaults(func=_cmd_benchmark)
     return parser
 
 

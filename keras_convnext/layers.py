@@ -120,3 +120,43 @@ class StochasticDepth(keras.layers.Layer):
         config = super().get_config()
         config.update({"rate": self.rate, "seed": self.seed})
         return config
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class DepthwiseConv(keras.layers.Layer):
+    """A k x k depthwise convolution, stride 1, 'same' padding, channels last, with bias.
+
+    The same variables as `keras.layers.DepthwiseConv2D` (kernel (k, k, C, 1), bias (C,)), computed
+    with the fastest formulation for the current backend (`backend_ops`).
+
+    Args:
+        kernel_size: odd integer (7 in ConvNeXt).
+        kernel_initializer: initializer of the kernel.
+    """
+
+    def __init__(self, kernel_size=7, kernel_initializer="glorot_uniform", **kwargs):
+        super().__init__(**kwargs)
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"`kernel_size` must be a positive odd integer. Received: kernel_size={kernel_size}")
+        self.kernel_size = int(kernel_size)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+
+    def build(self, input_shape):
+        channels = input_shape[-1]
+        self.kernel = self.add_weight(name="kernel", shape=(self.kernel_size, self.kernel_size, channels, 1),
+                                      initializer=self.kernel_initializer)
+        self.bias = self.add_weight(name="bias", shape=(channels,), initializer="zeros")
+
+    def call(self, inputs):
+        from keras_convnext import backend_ops
+
+        return backend_ops.depthwise_conv_same(inputs, self.kernel, self.bias)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"kernel_size": self.kernel_size,
+                       "kernel_initializer": keras.initializers.serialize(self.kernel_initializer)})
+        return config

@@ -9,7 +9,7 @@ import os
 import keras
 
 from keras_convnext import presets as presets_lib
-from keras_convnext.layers import ConvNeXtPreprocessing, LayerScale, StochasticDepth
+from keras_convnext.layers import ConvNeXtPreprocessing, DepthwiseConv, LayerScale, StochasticDepth
 from keras_convnext.variants import VARIANTS
 
 LN_EPS = 1e-6  # every ConvNeXt LayerNorm, stem to head
@@ -35,9 +35,8 @@ def _layer_norm(name, **kwargs):
 def _block(x, dim, drop_path, layer_scale_init_value, prefix):
     """One ConvNeXt block: dwconv 7x7 -> LN -> Dense 4C -> GELU -> Dense C -> scale -> drop path, + x."""
     shortcut = x
-    x = keras.layers.DepthwiseConv2D(
-        7, padding="same", depthwise_initializer=_kernel_init(), name=f"{prefix}_dwconv"
-    )(x)
+    # A real depthwise op (not a grouped Conv2D), in each backend's fastest form (backend_ops).
+    x = DepthwiseConv(7, kernel_initializer=_kernel_init(), name=f"{prefix}_dwconv")(x)
     x = _layer_norm(f"{prefix}_norm")(x)
     # Pointwise convs as Dense on (N, H, W, C): the same maths as 1x1 convs, as in the paper's code.
     x = keras.layers.Dense(
