@@ -1,0 +1,67 @@
+"""The benchmark's machinery (not its timings: speed is never a pass/fail test here)."""
+
+import json
+
+import keras
+import pytest
+
+from keras_convnext import benchmark
+
+
+def test_plan_covers_every_peer_and_backend():
+    specs = benchmark.plan(backends=["jax", "torch"], modes=["inference"], precisions=["float32", "mixed_bfloat16"])
+    labels = [(s.precision, s.label) for s in specs]
+    assert labels[:6] == [("float32", "timm"), ("float32", "timm_compile"),
+                          ("float32", "keras_convnext (jax)"), ("float32", "keras_applications (jax)"),
+                          ("float32", "keras_convnext (torch)"), ("float32", "keras_applications (torch)")]
+    assert len(specs) == 12
+    assert [s.label for s in benchmark.plan(peers=False)] == [f"keras_convnext ({keras.backend.backend()})"] * 2
+    with pytest.raises(ValueError, match=r"Unknown backends.*Received: backends=\['mxnet'\]"):
+        benchmark.plan(backends=["mxnet"])
+    with pytest.raises(ValueError, match=r"Unknown precisions.*Received: precisions=\['float16'\]"):
+        benchmark.plan(precisions=["float16"])
+
+
+@pytest.fixture(scope="module")
+def tiny_results():
+    specs = [benchmark.Spec("keras_convnext", keras.backend.backend(), variant="atto", image_size=32,
+                            batch_size=2, mode=mode, steps=1, warmup=1) for mode in ("inference", "training")]
+    specs.append(benchmark.Spec("timm", "torch", variant="atto", image_size=32, batch_size=2, steps=1, warmup=1))
+    return benchmark.run(specs, progress=False)
+
+
+def test_each_measurement_runs_in_its_own_process_and_reports(tiny_results):
+    for result in tiny_results:
+        assert "error" not in result, result
+        assert result["images_per_second"] > 0 and result["peak_memory_mb"] >= 0
+        assert result["images_per_second"] == pytest.approx(2 / result["seconds"])
+
+
+def test_table_ratios_and_plot(tiny_results, tmp_path):
+    text = benchmark.table(tiny_results)
+    rows = text.splitlines()
+    assert rows[0].startswith("| mode | precision | implementation | img/s | vs timm")
+    timm = tiny_results[2]["images_per_second"]
+    ours = tiny_results[0]["images_per_second"]
+    assert f"{ours / timm:.2f}x" in rows[2]
+    assert "| timm | " in rows[4] and "| 1.00x |" in rows[4]
+    path = tmp_path / "bench.png"
+    benchmark.plot(tiny_results, str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_failed_measurement_is_reported_not_raised():
+    result = benchmark.measure(benchmark.Spec("keras_convnext", keras.backend.backend(), variant="nonexistent",
+                                              image_size=32, batch_size=1, steps=1, warmup=1))
+    assert "error" in result and "nonexistent" in result["error"]
+    assert "failed: " in benchmark.table([result])
+
+
+def test_cli_writes_json(tmp_path):
+    from keras_convnext.cli import main
+
+    out = tmp_path / "r.json"
+    main(["benchmark", "--variant", "atto", "--image-size", "32", "--batch-size", "2", "--steps", "1",
+          "--warmup", "1", "--mode", "inference", "--no-peers", "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert len(data) == 1 and data[0]["impl"] == "keras_convnext" and data[0]["images_per_second"] > 0
