@@ -24,7 +24,8 @@ from keras_convnext.preprocessing import (
 from keras_convnext.presets import Preset, get_preset, list_presets
 from keras_convnext.variants import VARIANTS
 
-
 from keras_convnext.checkpoints import CheckpointError
 from keras_convnext.weights import DownloadError, convert, fetch_preset
+from keras_convnext.export import export
+
 __version__ = "0.1.0"

@@ -56,6 +56,14 @@ def _cmd_benchmark(args):
         print(f"wrote {args.plot}")
 
 
+def _cmd_export(args):
+    from keras_convnext.export import export
+
+    path = export(args.model, args.out, format=args.format, version=args.version, image_size=args.image_size,
+                  crop_pct=args.crop_pct, overwrite=args.overwrite)
+    print(f"wrote {path}")
+
+
 def _write_json(path, data):
     import os
 
@@ -102,11 +110,20 @@ def build_parser():
 
     for name, issue, text in [
         ("train", 6, "train with the paper's recipes (not yet in this release)"),
-        ("export", 7, "export to SavedModel, ONNX or LiteRT (not yet in this release)"),
     ]:
         p = sub.add_parser(name, help=text)
         p.add_argument("args", nargs=argparse.REMAINDER)
         p.set_defaults(func=_later(issue))
+    p = sub.add_parser("export", help="export to a TF Serving SavedModel, ONNX or LiteRT, with the same numbers")
+    p.add_argument("model", metavar="MODEL", help=".keras file or preset name")
+    p.add_argument("out", metavar="OUT", help="SavedModel base directory, or the .onnx / .tflite file")
+    p.add_argument("--format", required=True, choices=["saved_model", "onnx", "litert"])
+    p.add_argument("--version", type=int, default=1, help="SavedModel version directory (default 1)")
+    p.add_argument("--image-size", type=int, help="input size for models with a flexible input (default 224)")
+    p.add_argument("--crop-pct", type=float, help="crop fraction of the bytes signature's eval transform")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_export)
+
     p = sub.add_parser("benchmark", help="throughput and peak memory, side by side with keras.applications and timm")
     p.add_argument("--variant", default="tiny", choices=sorted(VARIANT_NAMES))
     p.add_argument("--image-size", type=int, default=224)
@@ -128,7 +145,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except ValueError as e:
+    except (ValueError, RuntimeError) as e:
         sys.exit(f"keras-convnext {args.command}: error: {e}")
 
 
