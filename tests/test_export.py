@@ -68,7 +68,7 @@ def test_saved_model_in_a_fresh_tensorflow_only_process(exported, tmp_path):
     np.save(tmp_path / "pixels.npy", pixels)
     files = [str(folder / "cat.png"), str(folder / "cat.jpg")]
     done = subprocess.run([sys.executable, "-c", TF_ONLY_CHECK, paths["saved_model"], str(tmp_path / "pixels.npy"), *files],
-                          capture_output=True, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+                          capture_output=True, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", KERAS_BACKEND="tensorflow"))
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["modules"] == []
@@ -105,7 +105,7 @@ def test_saved_model_signatures_as_tf_serving_reads_them(exported):
     _, _, paths, _ = exported
     cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
     done = subprocess.run([cli, "show", "--dir", paths["saved_model"], "--all"], capture_output=True, text=True,
-                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", KERAS_BACKEND="tensorflow"))
     assert done.returncode == 0, done.stderr[-1000:]
     text = done.stdout
     default = text[text.index("signature_def['serving_default']"):]
