@@ -31,9 +31,10 @@ def test_every_formulation_matches_the_reference(formulation, k, shape):
 
 
 def test_default_formulation_per_backend():
-    assert backend_ops.DEFAULT == {"torch": "torch", "jax": "shifted", "tensorflow": "keras"}
-    assert "torch" in backend_ops.formulations_for("torch")
-    assert "torch" not in backend_ops.formulations_for("jax")
+    assert backend_ops.DEFAULT == {"torch": "torch", "jax": "shifted_jax", "tensorflow": "keras"}
+    assert backend_ops.formulations_for("torch") == ["torch", "shifted", "keras"]
+    assert backend_ops.formulations_for("jax") == ["shifted", "shifted_jax", "keras"]
+    assert backend_ops.formulations_for("tensorflow") == ["shifted", "keras"]
 
 
 def test_layer_has_depthwise_conv2d_variables_and_config():
@@ -51,3 +52,40 @@ def test_layer_has_depthwise_conv2d_variables_and_config():
     np.testing.assert_allclose(keras.ops.convert_to_numpy(layer(x)), keras.ops.convert_to_numpy(stock(x)), atol=1e-5)
     with pytest.raises(ValueError, match="Received: kernel_size=4"):
         DepthwiseConv(4)
+
+
+def _gradients(formulation, x, kernel, bias, upstream):
+    """d(sum(upstream * conv(x))) / d(x, kernel, bias), on the current backend."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        def loss(x, kernel, bias):
+            return (backend_ops.depthwise_conv_same(x, kernel, bias, formulation) * upstream).sum()
+
+        return [np.asarray(g) for g in jax.grad(loss, argnums=(0, 1, 2))(x, kernel, bias)]
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        tensors = [tf.Variable(v) for v in (x, kernel, bias)]
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(backend_ops.depthwise_conv_same(*tensors, formulation) * upstream)
+        return [g.numpy() for g in tape.gradient(loss, tensors)]
+    import torch
+
+    tensors = [torch.tensor(v, requires_grad=True) for v in (x, kernel, bias)]
+    (backend_ops.depthwise_conv_same(*tensors, formulation) * torch.tensor(upstream)).sum().backward()
+    return [t.grad.numpy() for t in tensors]
+
+
+@pytest.mark.parametrize("formulation", backend_ops.formulations_for())
+def test_every_formulation_has_the_same_gradients(formulation):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 9, 11, 4)).astype("float32")
+    kernel = rng.standard_normal((7, 7, 4, 1)).astype("float32")
+    bias = rng.standard_normal(4).astype("float32")
+    upstream = rng.standard_normal((2, 9, 11, 4)).astype("float32")
+    expected = _gradients("keras", x, kernel, bias, upstream)
+    got = _gradients(formulation, x, kernel, bias, upstream)
+    for name, e, g in zip(("x", "kernel", "bias"), expected, got):
+        np.testing.assert_allclose(g, e, atol=1e-3, rtol=1e-4, err_msg=name)
