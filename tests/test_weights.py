@@ -200,3 +200,24 @@ def test_bfloat16_and_half_checkpoints_read_without_torch_loader(atto, tmp_path,
     model = kc.ConvNeXtAtto(weights=str(tmp_path / "bf16.pth"), classes=10, input_shape=(64, 64, 3))
     expected = peer.state_dict()["stem.0.weight"].to(torch.bfloat16).float().numpy().transpose(2, 3, 1, 0)
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(model.get_layer("downsample_layers_0_0").kernel), expected)
+
+
+NO_TORCH_LOAD = r"""
+import sys
+sys.modules["torch"] = None  # any `import torch` now raises ImportError
+import numpy as np
+from keras_convnext.weights import read_weights
+layers, info = read_weights(sys.argv[1])
+print(info["format"], info["layout"], len(layers), "torch" in sys.modules and sys.modules["torch"] is not None)
+"""
+
+
+def test_pth_files_read_without_torch(atto):
+    import subprocess
+    import sys
+
+    _, folder = atto
+    done = subprocess.run([sys.executable, "-c", NO_TORCH_LOAD, str(folder / "atto.pth")], capture_output=True,
+                          text=True, env=dict(os.environ, KERAS_BACKEND="jax"))
+    assert done.returncode == 0, done.stderr[-1500:]
+    assert done.stdout.split() == ["torch_zip", "timm", "70", "False"]
