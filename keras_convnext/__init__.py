@@ -27,5 +27,6 @@ from keras_convnext.variants import VARIANTS
 from keras_convnext.checkpoints import CheckpointError
 from keras_convnext.weights import DownloadError, convert, fetch_preset
 from keras_convnext.export import export
+from keras_convnext.recipes import AdamWLayerDecay, Recipe, get_recipe, list_recipes
 
 __version__ = "0.1.0"

@@ -56,6 +56,40 @@ def _cmd_benchmark(args):
         print(f"wrote {args.plot}")
 
 
+def _parse_set(items):
+    """--set key=value pairs -> dict, values read as Python literals where they are ones."""
+    import ast
+
+    overrides = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set takes key=value. Received: --set {item}")
+        try:
+            overrides[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            overrides[key] = None if value.lower() == "none" else value
+    return overrides
+
+
+def _cmd_train(args):
+    from keras_convnext.training import train
+
+    result = train(args.data, args.out, variant=args.variant, recipe=args.recipe, preset=args.preset,
+                   image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                   val_dir=args.val_dir, val_split=args.val_split, seed=args.seed,
+                   verbose=2 if args.quiet else "auto", **_parse_set(args.set))
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(
+        f"ConvNeXt-{args.variant.capitalize()}, recipe {result['recipe']}, {result['epochs']} epochs "
+        f"({result['train_images']} images, batch {result['batch_size']}, {result['image_size']} px): "
+        f"held-out accuracy {result['accuracy']:.4f}, loss {result['loss']:.4f}, {result['seconds']:.0f} s"
+    )
+    print(f"wrote {result['model']}, {result['history']}, {result['curves']}")
+
+
 def _cmd_export(args):
     from keras_convnext.export import export
 
@@ -71,13 +105,6 @@ def _write_json(path, data):
     with open(tmp, "w") as f:
         json.dump(data, f, indent=2)
     os.replace(tmp, path)
-
-
-def _later(issue):
-    def run(args):
-        sys.exit(f"keras-convnext {args.command}: not part of this release yet (tracked in issue {issue}).")
-
-    return run
 
 
 def build_parser():
@@ -108,12 +135,30 @@ def build_parser():
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_convert)
 
-    for name, issue, text in [
-        ("train", 6, "train with the paper's recipes (not yet in this release)"),
-    ]:
-        p = sub.add_parser(name, help=text)
-        p.add_argument("args", nargs=argparse.REMAINDER)
-        p.set_defaults(func=_later(issue))
+    p = sub.add_parser("train", help="train or fine-tune with the paper's recipes under model.fit",
+                       description="Train a ConvNeXt with a recipe. Writes OUT/model.keras (the evaluated "
+                                   "weights: EMA when the recipe keeps one), OUT/history.csv, OUT/curves.png, "
+                                   "OUT/classes.json; an interrupted run resumes from OUT/backup.")
+    p.add_argument("data", metavar="DATA_DIR", help="folder with one sub-folder of images per class, or a TFDS name")
+    p.add_argument("--variant", default="atto", choices=VARIANT_NAMES)
+    p.add_argument("--recipe", default="finetune", help="in1k, in22k, in22k_ft_in1k, ft_384 or finetune")
+    p.add_argument("--preset", help="weights to start from: preset name, 'imagenet' or a checkpoint file "
+                                    "(default: the recipe's)")
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's, scaled to the batch)")
+    val = p.add_mutually_exclusive_group()
+    val.add_argument("--val-dir", help="validation folder with the same class folders")
+    val.add_argument("--val-split", type=float, help="fraction of DATA_DIR held out (default 0.1)")
+    p.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                   help="override any recipe field, e.g. --set mixup=0.0 --set ema_momentum=None")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, metavar="OUT")
+    p.add_argument("--quiet", action="store_true", help="one line per epoch instead of a progress bar")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=_cmd_train)
+
     p = sub.add_parser("export", help="export to a TF Serving SavedModel, ONNX or LiteRT, with the same numbers")
     p.add_argument("model", metavar="MODEL", help=".keras file or preset name")
     p.add_argument("out", metavar="OUT", help="SavedModel base directory, or the .onnx / .tflite file")

@@ -56,3 +56,23 @@ def run_demo(epochs=15, batch_size=32, learning_rate=2e-3, seed=0, verbose=1):
     _, accuracy = model.evaluate(x_test, y_test, verbose=0)
     return {"accuracy": float(accuracy), "seconds": seconds, "train": len(x_train),
             "test": len(x_test), "backend": keras.backend.backend()}
+
+
+def write_digits_folders(root, image_size=32, test_fraction=0.2, seed=0):
+    """Writes the digits as PNG files in class folders: `root/train/<0..9>/` and `root/val/<0..9>/`.
+
+    The layout `keras-convnext train` and `image_dataset_from_directory` read. Returns (train, val) dirs.
+    """
+    import os
+
+    from PIL import Image
+
+    (x_train, y_train), (x_test, y_test) = digits_dataset(image_size, test_fraction, seed)
+    dirs = []
+    for split, images, labels in (("train", x_train, y_train), ("val", x_test, y_test)):
+        for i, (image, label) in enumerate(zip(images, labels)):
+            folder = os.path.join(root, split, str(label))
+            os.makedirs(folder, exist_ok=True)
+            Image.fromarray(image).save(os.path.join(folder, f"{i:04d}.png"))
+        dirs.append(os.path.join(root, split))
+    return tuple(dirs)

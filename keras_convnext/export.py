@@ -7,7 +7,6 @@ never switches backends by hand. Every output is written aside and renamed into 
 """
 
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -80,37 +79,12 @@ def _load_model(model):
 def tf_eval_transform(data, image_size, crop_pct=0.875, squash=False):
     """The evaluation transform of `preprocessing.eval_transform`, as TensorFlow graph ops.
 
-    Decodes JPEG/PNG bytes, resizes the shorter side to floor(size / crop_pct) with antialiased
-    bicubic (PIL's filter), rounds to 8-bit levels as PIL does, and centre-crops; returns float32.
+    Decodes JPEG/PNG bytes as PIL does, then `data.resize_crop`; returns float32.
     """
-    import tensorflow as tf
+    from keras_convnext.data import decode_image, resize_crop
 
-    scale = math.floor(image_size / crop_pct)
-    # JPEG with the accurate integer IDCT, as PIL decodes it (TensorFlow's default is the fast one).
-    image = tf.cond(
-        tf.io.is_jpeg(data),
-        lambda: tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE"),
-        lambda: tf.io.decode_image(data, channels=3, expand_animations=False),
-    )
-    image.set_shape([None, None, 3])
-    h, w = tf.shape(image)[0], tf.shape(image)[1]
-    if squash:
-        new_h = new_w = tf.constant(scale)
-    else:
-        short, long = tf.minimum(h, w), tf.maximum(h, w)
-        new_long = tf.cast(tf.math.floor(scale * tf.cast(long, tf.float64) / tf.cast(short, tf.float64)), tf.int32)
-        new_h = tf.where(w <= h, new_long, scale)
-        new_w = tf.where(w <= h, scale, new_long)
-    # PIL resamples 8-bit images in two passes, horizontal then vertical, rounding to 8 bits after each.
-    resized = tf.cast(image, tf.float32)
-    resized = tf.image.resize(resized, tf.stack([h, new_w]), method="bicubic", antialias=True)
-    resized = tf.clip_by_value(tf.round(resized), 0.0, 255.0)
-    resized = tf.image.resize(resized, tf.stack([new_h, new_w]), method="bicubic", antialias=True)
-    resized = tf.clip_by_value(tf.round(resized), 0.0, 255.0)
-    # Python's round() (half to even) as in the eager transform; tf.round rounds half to even too.
-    top = tf.cast(tf.round(tf.cast(new_h - image_size, tf.float32) / 2.0), tf.int32)
-    left = tf.cast(tf.round(tf.cast(new_w - image_size, tf.float32) / 2.0), tf.int32)
-    return tf.ensure_shape(resized[top:top + image_size, left:left + image_size, :], [image_size, image_size, 3])
+    image = decode_image(data)
+    return resize_crop(image, image_size, crop_pct, squash)
 
 
 def _archive(model, size, crop_pct, with_bytes):

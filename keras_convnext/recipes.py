@@ -1,0 +1,328 @@
+"""The paper's training recipes as data, and what `compile`/`fit` need to follow them.
+
+    recipe = get_recipe("finetune", epochs=10)
+    model = ConvNeXtTiny(classes=10, **recipe.model_kwargs("tiny"))
+    model.compile(**recipe.compile_kwargs(model, steps_per_epoch=len(train_ds)))
+    model.fit(train_ds, epochs=recipe.epochs, callbacks=recipe.callbacks())
+
+Sources: the paper (Tables 5, 9, 10), the official repository's README commands and
+`optim_factory.py` (layer-wise learning-rate decay), ../shared/CONVNEXT.md.
+"""
+
+import dataclasses
+import math
+import re
+
+import keras
+from keras import ops
+
+from keras_convnext.variants import VARIANTS
+
+# The official from-scratch run: 300 epochs of ceil(1,281,167 / 4096) = 313 steps. EMA 0.9999
+# averages over ~1/(1 - 0.9999) = 10,000 steps, ~11% of it; shorter runs keep that fraction.
+EMA_REFERENCE_STEPS = 300 * 313
+NUM_LAYER_GROUPS = 12  # the official layer-decay grouping of a (3, 3, 27, 3) network
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """One training recipe. Every field can be overridden with `get_recipe(name, field=value)`."""
+
+    name: str
+    description: str
+    epochs: int
+    batch_size: int
+    # Peak learning rate = lr * batch_size / lr_batch_size (the linear scaling rule).
+    lr: float
+    lr_batch_size: int
+    warmup_epochs: float
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    beta_1: float = 0.9
+    beta_2: float = 0.999
+    epsilon: float = 1e-8
+    layer_decay: float = None  # None: one learning rate for all layers
+    label_smoothing: float = 0.1
+    drop_path_rate: object = None  # a float, a {variant: float} dict, or None (the variant's default)
+    head_init_scale: float = 1.0
+    ema_momentum: float = None  # None: no EMA
+    ema_scale_to_run: bool = True  # shorter runs than the reference keep the EMA's horizon fraction
+    weights: str = None  # what to start from: None (scratch), "imagenet", or a preset tag like "fb_in22k"
+    image_size: int = 224
+    crop_pct: float = 0.875  # evaluation: shorter side to size / crop_pct, centre crop
+    # Augmentation (timm's names in comments).
+    scale: tuple = (0.08, 1.0)  # random-resized-crop area fraction
+    ratio: tuple = (3 / 4, 4 / 3)  # random-resized-crop aspect ratio
+    hflip: float = 0.5
+    rand_augment: tuple = (9, 0.5)  # (magnitude of 10, magnitude std): rand-m9-mstd0.5-inc1; None: off
+    color_jitter: float = 0.4  # used only without RandAugment, as in timm
+    mixup: float = 0.8  # Mixup alpha (0: off)
+    cutmix: float = 1.0  # CutMix alpha (0: off)
+    mixup_switch_prob: float = 0.5  # per batch, CutMix instead of Mixup when both are on
+    random_erasing: float = 0.25  # probability per image (reprob)
+    interpolation: str = "bicubic"
+
+    def peak_lr(self, batch_size=None):
+        return self.lr * (batch_size or self.batch_size) / self.lr_batch_size
+
+    def drop_path_for(self, variant):
+        """The recipe's stochastic depth for `variant` (a name from `VARIANTS`)."""
+        if isinstance(self.drop_path_rate, dict):
+            if variant in self.drop_path_rate:
+                return self.drop_path_rate[variant]
+        elif self.drop_path_rate is not None:
+            return float(self.drop_path_rate)
+        return VARIANTS[variant].drop_path_rate if variant in VARIANTS else 0.0
+
+    def model_kwargs(self, variant):
+        """Builder arguments the recipe sets: stochastic depth and head initialisation."""
+        return {"drop_path_rate": self.drop_path_for(variant), "head_init_scale": self.head_init_scale}
+
+    def schedule(self, steps_per_epoch, batch_size=None):
+        """Linear warm-up from 0 to the peak, then cosine to `min_lr`, per step."""
+        total = max(1, int(self.epochs * steps_per_epoch))
+        warmup = min(int(round(self.warmup_epochs * steps_per_epoch)), total - 1)
+        peak = self.peak_lr(batch_size)
+        alpha = min(self.min_lr / peak, 1.0)
+        if warmup > 0:
+            return keras.optimizers.schedules.CosineDecay(
+                0.0, total - warmup, alpha=alpha, warmup_target=peak, warmup_steps=warmup
+            )
+        return keras.optimizers.schedules.CosineDecay(peak, total, alpha=alpha)
+
+    def ema_momentum_for(self, total_steps):
+        """The EMA momentum for a run of `total_steps` (None when the recipe has no EMA)."""
+        if self.ema_momentum is None:
+            return None
+        if not self.ema_scale_to_run or total_steps >= EMA_REFERENCE_STEPS:
+            return self.ema_momentum
+        # Same horizon as a fraction of the run: 0.9999 over 93,900 steps ~ 0.986 over 690.
+        return 1.0 - (1.0 - self.ema_momentum) * EMA_REFERENCE_STEPS / max(total_steps, 1)
+
+    def optimizer(self, steps_per_epoch, batch_size=None):
+        """AdamW with the schedule, layer decay, 1-D exclusions from weight decay and EMA."""
+        ema = self.ema_momentum_for(self.epochs * steps_per_epoch)
+        return AdamWLayerDecay(
+            learning_rate=self.schedule(steps_per_epoch, batch_size),
+            weight_decay=self.weight_decay, beta_1=self.beta_1, beta_2=self.beta_2,
+            epsilon=self.epsilon, layer_decay=self.layer_decay,
+            use_ema=ema is not None, ema_momentum=ema if ema is not None else 0.99,
+        )
+
+    def loss(self):
+        # Labels are one-hot (mixed by Mixup/CutMix); smoothing of a mix is the mix of smoothings.
+        return keras.losses.CategoricalCrossentropy(label_smoothing=self.label_smoothing)
+
+    def compile_kwargs(self, steps_per_epoch, batch_size=None):
+        """`model.compile(**recipe.compile_kwargs(steps_per_epoch))`."""
+        return {
+            "optimizer": self.optimizer(steps_per_epoch, batch_size),
+            "loss": self.loss(),
+            "metrics": [keras.metrics.CategoricalAccuracy(name="accuracy")],
+        }
+
+    def callbacks(self):
+        """Validation on the EMA weights when the recipe keeps an EMA ("EMA evaluated")."""
+        return [keras.callbacks.SwapEMAWeights()] if self.ema_momentum is not None else []
+
+
+def _official_scratch(**kw):
+    return Recipe(epochs=300, batch_size=4096, lr=4e-3, lr_batch_size=4096, warmup_epochs=20, **kw)
+
+
+RECIPES = {
+    r.name: r
+    for r in [
+        _official_scratch(
+            name="in1k",
+            description="ImageNet-1k from scratch: 300 epochs, AdamW 4e-3 @ 4096, 20 warm-up epochs, "
+                        "RandAugment, Mixup/CutMix, Random Erasing, label smoothing, EMA 0.9999",
+            ema_momentum=0.9999,
+            drop_path_rate={"tiny": 0.1, "small": 0.4, "base": 0.5, "large": 0.5},
+        ),
+        Recipe(
+            name="in22k",
+            description="ImageNet-22k pre-training: 90 epochs, 5 warm-up, AdamW 4e-3 @ 4096, 21,841 classes",
+            epochs=90, batch_size=4096, lr=4e-3, lr_batch_size=4096, warmup_epochs=5,
+            # T and S are not in the official commands; 0.1 as for B and L.
+            drop_path_rate={"tiny": 0.1, "small": 0.1, "base": 0.1, "large": 0.1, "xlarge": 0.2},
+        ),
+        Recipe(
+            name="in22k_ft_in1k",
+            description="22k -> 1k fine-tuning: 30 epochs, lr 5e-5 @ 512, layer decay 0.8, "
+                        "head init 0.001, weight decay 1e-8, no Mixup/CutMix",
+            epochs=30, batch_size=512, lr=5e-5, lr_batch_size=512, warmup_epochs=0,
+            weight_decay=1e-8, layer_decay=0.8, head_init_scale=0.001, mixup=0.0, cutmix=0.0,
+            # T and S are not in the official commands; scaled down from B's 0.2.
+            drop_path_rate={"tiny": 0.1, "small": 0.2, "base": 0.2, "large": 0.3, "xlarge": 0.4},
+            weights="fb_in22k",
+        ),
+        Recipe(
+            name="ft_384",
+            description="fine-tuning at 384 px: as in22k_ft_in1k with layer decay 0.7, no crop at eval",
+            epochs=30, batch_size=512, lr=5e-5, lr_batch_size=512, warmup_epochs=0,
+            weight_decay=1e-8, layer_decay=0.7, head_init_scale=0.001, mixup=0.0, cutmix=0.0,
+            drop_path_rate={"tiny": 0.1, "small": 0.2, "base": 0.2, "large": 0.3, "xlarge": 0.4},
+            weights="fb_in22k", image_size=384, crop_pct=1.0,
+        ),
+        Recipe(
+            name="finetune",
+            description="transfer learning on your own data from the ImageNet weights: 10 epochs, "
+                        "lr 1e-4 @ 32, 1 warm-up epoch, layer decay 0.8, light augmentation",
+            epochs=10, batch_size=32, lr=1e-4, lr_batch_size=32, warmup_epochs=1,
+            layer_decay=0.8, head_init_scale=0.001, drop_path_rate=0.1, weights="imagenet",
+            rand_augment=None, color_jitter=0.4, mixup=0.0, cutmix=0.0, random_erasing=0.0,
+        ),
+    ]
+}
+
+
+def list_recipes():
+    """The recipe names."""
+    return sorted(RECIPES)
+
+
+def get_recipe(name, **overrides):
+    """The recipe `name`, with any field replaced: `get_recipe("in1k", epochs=30, batch_size=64)`.
+
+    Changing `epochs` scales the warm-up with it unless `warmup_epochs` is given too; the peak
+    learning rate follows the batch size by the linear rule (`Recipe.peak_lr`).
+    """
+    if isinstance(name, Recipe):
+        recipe = name
+    elif name in RECIPES:
+        recipe = RECIPES[name]
+    else:
+        raise ValueError(f"Unknown recipe. Valid values: {', '.join(list_recipes())}. Received: recipe={name!r}")
+    fields = {f.name for f in dataclasses.fields(Recipe)} - {"name"}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(
+            f"Unknown recipe field {unknown[0]!r}. Valid fields: {', '.join(sorted(fields))}. "
+            f"Received: {unknown[0]}={overrides[unknown[0]]!r}"
+        )
+    for key in ("epochs", "batch_size"):
+        if key in overrides and (not isinstance(overrides[key], int) or overrides[key] < 1):
+            raise ValueError(f"`{key}` must be a positive integer. Received: {key}={overrides[key]!r}")
+    if "lr" in overrides and not overrides["lr"] > 0:
+        raise ValueError(f"`lr` must be positive. Received: lr={overrides['lr']!r}")
+    if "epochs" in overrides and "warmup_epochs" not in overrides:
+        # A shorter run keeps the warm-up's share of it: in1k's 20 of 300 epochs -> 2 of 30.
+        overrides["warmup_epochs"] = recipe.warmup_epochs * overrides["epochs"] / recipe.epochs
+    return dataclasses.replace(recipe, **overrides)
+
+
+# Keras names of the layers, from model.keras_name: downsample_layers_<stage>_<k>, stages_<stage>_<block>_*.
+_DOWNSAMPLE = re.compile(r"(?:^|/)downsample_layers_(\d+)_\d+/")
+_BLOCK = re.compile(r"(?:^|/)stages_(\d+)_(\d+)_")
+
+
+def layer_group(path, num_groups=NUM_LAYER_GROUPS):
+    """The official layer-decay group of a variable, by its path: 0 (stem) .. num_groups + 1 (head).
+
+    Stem -> 0; stage 0 -> 1; stage 1 and its downsampling -> 2; stage 2's downsampling -> 3 and
+    its blocks three to a group from 3; stage 3 and its downsampling -> num_groups; anything
+    else (head norm, head, pyramid norms) -> num_groups + 1.
+    """
+    match = _DOWNSAMPLE.search(path)
+    if match:
+        stage = int(match.group(1))
+        return {0: 0, 1: 2, 2: 3}.get(stage, num_groups)
+    match = _BLOCK.search(path)
+    if match:
+        stage, block = int(match.group(1)), int(match.group(2))
+        if stage < 2:
+            return stage + 1
+        if stage == 2:
+            return min(3 + block // 3, num_groups - 1)
+        return num_groups
+    return num_groups + 1
+
+
+@keras.saving.register_keras_serializable(package="keras_convnext")
+class AdamWLayerDecay(keras.optimizers.AdamW):
+    """AdamW with per-variable learning rates (layer-wise decay) and ConvNeXt's decay exclusions.
+
+    Keras 3 optimizers take one learning rate for all variables, and Adam is invariant to gradient
+    scaling, so layer decay has to scale the learning rate inside the update. A variable in group
+    g (`layer_group`) learns at `lr * layer_decay ** (num_groups + 1 - g)`; the head at `lr`.
+    Decoupled weight decay uses the same scaled rate, as PyTorch's per-group AdamW does. 1-D
+    variables (biases, norms, layer scales) get no weight decay, as in the official recipe.
+
+    Args:
+        layer_decay: decay per group (0.8 for 22k -> 1k fine-tuning); None or 1.0: off.
+        num_groups: number of block groups (12 in the official code).
+        Other arguments as `keras.optimizers.AdamW`.
+    """
+
+    def __init__(self, learning_rate=1e-3, weight_decay=0.05, layer_decay=None,
+                 num_groups=NUM_LAYER_GROUPS, **kwargs):
+        super().__init__(learning_rate=learning_rate, weight_decay=weight_decay, **kwargs)
+        if layer_decay is not None and not 0.0 < layer_decay <= 1.0:
+            raise ValueError(f"`layer_decay` must be in (0, 1]. Received: layer_decay={layer_decay}")
+        self.layer_decay = layer_decay
+        self.num_groups = int(num_groups)
+        self._lr_scales = []
+
+    def lr_scale(self, variable):
+        """The multiplier of the learning rate for `variable` (1.0 without layer decay)."""
+        if not self.layer_decay or self.layer_decay == 1.0:
+            return 1.0
+        group = layer_group(variable.path, self.num_groups)
+        return float(self.layer_decay ** (self.num_groups + 1 - group))
+
+    def build(self, var_list):
+        if self.built:
+            return
+        self.exclude_from_weight_decay(var_list=[v for v in var_list if len(v.shape) <= 1])
+        super().build(var_list)
+        self._lr_scales = [self.lr_scale(v) for v in var_list]
+
+    def learning_rates(self):
+        """{variable path: its current learning rate}, after `build` (what `fit` applies)."""
+        lr = float(ops.convert_to_numpy(self.learning_rate))
+        return {v.path: lr * s for v, s in zip(self._trainable_variables, self._lr_scales)}
+
+    def _scale_of(self, variable):
+        return self._lr_scales[self._get_variable_index(variable)]
+
+    def update_step(self, gradient, variable, learning_rate):
+        scale = self._scale_of(variable)
+        if scale != 1.0:
+            learning_rate = ops.multiply(ops.cast(learning_rate, variable.dtype), scale)
+        super().update_step(gradient, variable, learning_rate)
+
+    def _apply_weight_decay(self, variables):
+        # Replaces the backends' versions, which decay every variable at the global rate.
+        if self.weight_decay is None:
+            return
+        for variable in variables:
+            if self._use_weight_decay(variable):
+                lr = ops.cast(self.learning_rate, variable.dtype) * self._scale_of(variable)
+                wd = ops.cast(self.weight_decay, variable.dtype)
+                variable.assign(variable - variable * wd * lr)
+
+    def _overwrite_model_variables_with_average_value(self, trainable_variables):
+        # Keras assigns the EMA's own array: on JAX the model and the EMA then share one buffer,
+        # and the next `fit` fails ("Attempt to donate the same buffer twice"). Assign copies.
+        if len(trainable_variables) != len(self._model_variables_moving_average):
+            raise ValueError(
+                f"The optimizer keeps an EMA of {len(self._model_variables_moving_average)} variables. "
+                f"Received: {len(trainable_variables)} variables"
+            )
+        for var, average in zip(trainable_variables, self._model_variables_moving_average):
+            if average is not None:
+                var.assign(ops.copy(average))
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"layer_decay": self.layer_decay, "num_groups": self.num_groups})
+        return config
+
+
+def warmup_cosine(step, peak, total, warmup, min_lr):
+    """The schedule's value at `step`, in closed form (for checks and plots)."""
+    if step < warmup:
+        return peak * step / warmup
+    t = min(step - warmup, total - warmup) / max(total - warmup, 1)
+    return min_lr + (peak - min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))

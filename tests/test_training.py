@@ -1,0 +1,454 @@
+"""Training recipes under model.fit: schedule, layer decay, weight decay, EMA, augmentation,
+one real step of every recipe on TFDS mock data, the train command, resume, data parallel."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import TINY
+from keras_convnext import ConvNeXt, ConvNeXtAtto, data, recipes
+from keras_convnext.cli import main
+from keras_convnext.recipes import AdamWLayerDecay, get_recipe, layer_group
+from keras_convnext.training import read_history, train
+
+BACKEND = keras.backend.backend()
+
+
+def _np(v):
+    return np.array(keras.ops.convert_to_numpy(v))
+
+
+# ---- recipes as data ---------------------------------------------------------------------------
+
+def test_recipe_table_holds_the_papers_values():
+    r = get_recipe("in1k")
+    assert (r.epochs, r.batch_size, r.lr, r.lr_batch_size, r.warmup_epochs) == (300, 4096, 4e-3, 4096, 20)
+    assert (r.beta_1, r.beta_2, r.epsilon, r.weight_decay, r.min_lr) == (0.9, 0.999, 1e-8, 0.05, 1e-6)
+    assert (r.label_smoothing, r.mixup, r.cutmix, r.mixup_switch_prob, r.random_erasing) == (0.1, 0.8, 1.0, 0.5, 0.25)
+    assert r.rand_augment == (9, 0.5) and r.interpolation == "bicubic" and r.ema_momentum == 0.9999
+    assert [r.drop_path_for(v) for v in ("tiny", "small", "base", "large")] == [0.1, 0.4, 0.5, 0.5]
+    assert r.peak_lr(4096) == 4e-3 and r.peak_lr(512) == pytest.approx(5e-4)
+    ft = get_recipe("in22k_ft_in1k")
+    assert (ft.lr, ft.layer_decay, ft.head_init_scale, ft.weight_decay, ft.warmup_epochs) == (5e-5, 0.8, 0.001, 1e-8, 0)
+    assert (ft.mixup, ft.cutmix, ft.epochs, ft.batch_size) == (0.0, 0.0, 30, 512)
+    assert [ft.drop_path_for(v) for v in ("base", "large", "xlarge")] == [0.2, 0.3, 0.4]
+    r384 = get_recipe("ft_384")
+    assert (r384.layer_decay, r384.image_size, r384.crop_pct) == (0.7, 384, 1.0)
+    r22 = get_recipe("in22k")
+    assert (r22.epochs, r22.warmup_epochs, r22.drop_path_for("xlarge")) == (90, 5, 0.2)
+    assert recipes.list_recipes() == ["finetune", "ft_384", "in1k", "in22k", "in22k_ft_in1k"]
+
+
+def test_recipe_overrides_and_errors():
+    r = get_recipe("in1k", epochs=30, batch_size=64, mixup=0.0)
+    assert (r.epochs, r.batch_size, r.mixup, r.cutmix) == (30, 64, 0.0, 1.0)
+    assert r.warmup_epochs == 2.0  # 20 of 300 -> 2 of 30
+    assert r.peak_lr() == pytest.approx(4e-3 * 64 / 4096)
+    assert get_recipe("in1k", epochs=30, warmup_epochs=5).warmup_epochs == 5
+    assert get_recipe("in1k").epochs == 300  # the table is untouched
+    with pytest.raises(ValueError, match=r"Unknown recipe\. Valid values: finetune, ft_384, in1k.*Received: recipe='in2k'"):
+        get_recipe("in2k")
+    with pytest.raises(ValueError, match=r"Unknown recipe field 'mixupp'.*Received: mixupp=0.5"):
+        get_recipe("in1k", mixupp=0.5)
+    with pytest.raises(ValueError, match=r"Received: epochs=0"):
+        get_recipe("in1k", epochs=0)
+
+
+def test_warmup_cosine_schedule_values():
+    r = get_recipe("in1k", epochs=30, warmup_epochs=2)
+    steps_per_epoch, batch = 10, 64
+    schedule = r.schedule(steps_per_epoch, batch)
+    peak = 4e-3 * 64 / 4096
+    total, warmup = 300, 20
+    for step in (0, 5, 10, 19, 20, 21, 100, 160, 299, 300, 400):
+        expected = recipes.warmup_cosine(step, peak, total, warmup, 1e-6)
+        assert float(_np(schedule(step))) == pytest.approx(expected, rel=1e-5, abs=1e-12), step
+    assert float(_np(schedule(20))) == pytest.approx(peak, rel=1e-6)
+    assert float(_np(schedule(300))) == pytest.approx(1e-6, rel=1e-4)
+    assert float(_np(schedule(10))) == pytest.approx(peak / 2, rel=1e-6)
+    # No warm-up (fine-tuning): cosine from the peak at step 0.
+    ft = get_recipe("in22k_ft_in1k").schedule(10, 512)
+    assert float(_np(ft(0))) == pytest.approx(5e-5, rel=1e-6)
+
+
+def test_ema_momentum_keeps_its_horizon_on_short_runs():
+    r = get_recipe("in1k")
+    assert r.ema_momentum_for(93_900) == 0.9999
+    assert r.ema_momentum_for(690) == pytest.approx(1 - 1e-4 * 93_900 / 690)
+    assert get_recipe("in1k", ema_scale_to_run=False).ema_momentum_for(690) == 0.9999
+    assert get_recipe("in22k").ema_momentum_for(690) is None
+
+
+def test_layer_groups_follow_the_official_grouping():
+    assert layer_group("downsample_layers_0_0/kernel") == 0
+    assert layer_group("downsample_layers_0_1/gamma") == 0
+    assert layer_group("stages_0_2_pwconv1/kernel") == 1
+    assert layer_group("downsample_layers_1_1/kernel") == 2
+    assert layer_group("stages_1_0_dwconv/bias") == 2
+    assert layer_group("downsample_layers_2_0/beta") == 3
+    assert [layer_group(f"stages_2_{b}_norm/gamma") for b in (0, 2, 3, 8, 26)] == [3, 3, 4, 5, 11]
+    assert layer_group("downsample_layers_3_1/kernel") == 12
+    assert layer_group("stages_3_2_gamma/gamma") == 12
+    assert layer_group("norm/gamma") == 13 and layer_group("head/kernel") == 13
+    base = ConvNeXt((3, 3, 27, 3), (8, 8, 8, 8), weights=None, input_shape=(32, 32, 3), classes=2)
+    assert sorted({layer_group(v.path) for v in base.trainable_variables}) == list(range(14))
+
+
+def _tiny(**kw):
+    return ConvNeXt(TINY["depths"], TINY["dims"], weights=None, input_shape=(32, 32, 3), classes=3, **kw)
+
+
+def test_layer_decay_sets_each_variables_learning_rate(images):
+    # Adam's first step moves every weight by lr * sign(grad): the step is the effective rate.
+    model = _tiny(layer_scale_init_value=1.0)
+    lr, decay = 1e-3, 0.5
+    opt = AdamWLayerDecay(learning_rate=lr, weight_decay=0.0, layer_decay=decay, epsilon=1e-12)
+    model.compile(optimizer=opt, loss="categorical_crossentropy")
+    before = [_np(v) for v in model.trainable_variables]
+    x = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
+    model.fit(x, np.eye(3)[[0, 1, 2, 0]], batch_size=4, epochs=1, verbose=0)
+    rates = opt.learning_rates()
+    checked = 0
+    for v, b in zip(model.trainable_variables, before):
+        expected = lr * decay ** (13 - layer_group(v.path))
+        assert rates[v.path] == pytest.approx(expected)
+        step = np.abs(_np(v) - b).max()
+        if step > 0:
+            assert step == pytest.approx(expected, rel=1e-3), v.path
+            checked += 1
+    assert checked >= 0.9 * len(before)
+    assert len({round(r, 12) for r in rates.values()}) == 5  # tiny (1, 1, 2, 1): groups 0, 1, 2, 3, 12, 13
+
+
+def test_weight_decay_skips_1d_variables_and_follows_layer_decay():
+    model = _tiny()
+    lr, wd, decay = 1e-2, 0.5, 0.5
+    opt = AdamWLayerDecay(learning_rate=lr, weight_decay=wd, layer_decay=decay)
+    variables = model.trainable_variables
+    opt.build(variables)
+    before = [_np(v) for v in variables]
+    opt.apply([keras.ops.zeros_like(v) for v in variables], variables)  # zero gradients: decay alone
+    for v, b in zip(variables, before):
+        if v.ndim <= 1:
+            np.testing.assert_array_equal(_np(v), b, err_msg=v.path)
+        else:
+            scale = decay ** (13 - layer_group(v.path))
+            np.testing.assert_allclose(_np(v), b * (1 - lr * scale * wd), rtol=1e-6, err_msg=v.path)
+
+
+def test_optimizer_round_trips_its_config():
+    opt = AdamWLayerDecay(learning_rate=1e-3, weight_decay=0.05, layer_decay=0.7, num_groups=12)
+    again = keras.optimizers.deserialize(keras.optimizers.serialize(opt))
+    assert isinstance(again, AdamWLayerDecay) and (again.layer_decay, again.num_groups) == (0.7, 12)
+    with pytest.raises(ValueError, match=r"Received: layer_decay=1.5"):
+        AdamWLayerDecay(layer_decay=1.5)
+
+
+class _WeightsAt(keras.callbacks.Callback):
+    """Records the model's and the EMA's weights when validation starts and when an epoch ends."""
+
+    def __init__(self):
+        super().__init__()
+        self.at_test, self.at_epoch_end = [], []
+
+    def _pair(self):
+        opt = self.model.optimizer
+        return ([_np(v) for v in self.model.trainable_variables],
+                [_np(v) for v in opt._model_variables_moving_average])
+
+    def on_test_begin(self, logs=None):
+        self.at_test.append(self._pair())
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.at_epoch_end.append(self._pair())
+
+
+def test_ema_weights_are_evaluated_and_kept_at_the_end():
+    recipe = get_recipe("in1k", epochs=2, batch_size=4, ema_momentum=0.5, ema_scale_to_run=False)
+    model = _tiny()
+    model.compile(**recipe.compile_kwargs(steps_per_epoch=2))
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (8, 32, 32, 3)).astype("float32")
+    y = np.eye(3)[rng.integers(0, 3, 8)].astype("float32")
+    probe = _WeightsAt()
+    model.fit(x, y, batch_size=4, epochs=2, validation_data=(x, y), verbose=0,
+              callbacks=[*recipe.callbacks(), probe])
+    for weights, ema in probe.at_test:  # validation ran on the EMA weights
+        for w, e in zip(weights, ema):
+            np.testing.assert_array_equal(w, e)
+    weights, ema = probe.at_epoch_end[-1]  # and training goes on with its own weights
+    assert any(not np.array_equal(w, e) for w, e in zip(weights, ema))
+    for v, e in zip(model.trainable_variables, ema):  # fit ends holding the EMA
+        np.testing.assert_array_equal(_np(v), e)
+    # A second fit works (Keras's own EMA hand-over shares buffers on JAX and fails here).
+    history = model.fit(x, y, batch_size=4, epochs=1, verbose=0)
+    assert math.isfinite(history.history["loss"][0])
+
+
+# ---- augmentation ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """Three classes of random photographs-to-be: 12 images each, of different sizes."""
+    root = tmp_path_factory.mktemp("folder")
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        os.makedirs(root / f"class{c}")
+        for i in range(12):
+            h, w = rng.integers(36, 60, 2)
+            pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            ext = "png" if i % 2 else "jpg"
+            Image.fromarray(pixels).save(root / f"class{c}" / f"{i}.{ext}")
+    return str(root)
+
+
+def test_image_folder_lists_classes_and_refuses_bad_layouts(folder, tmp_path):
+    paths, labels, classes = data.image_folder(folder)
+    assert classes == ["class0", "class1", "class2"] and len(paths) == 36
+    assert labels == [0] * 12 + [1] * 12 + [2] * 12
+    with pytest.raises(ValueError, match=r"holds no class folders.*Received: data="):
+        data.image_folder(tmp_path)
+    os.makedirs(tmp_path / "a")
+    os.makedirs(tmp_path / "b")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a" / "x.png")
+    (tmp_path / "b" / "notes.txt").write_text("no images here")
+    with pytest.raises(ValueError, match=r"Class folder 'b' has no images"):
+        data.image_folder(tmp_path)
+    with pytest.raises(ValueError, match=r"must be a folder of class folders or a TFDS name"):
+        data.image_folder(tmp_path / "missing")
+    (train, _), (val, _) = data.split_files(paths, labels, 0.25)
+    assert len(train) == 27 and len(val) == 9 and not set(train) & set(val)
+
+
+def test_train_pipeline_shapes_and_mixed_labels(folder):
+    paths, labels, _ = data.image_folder(folder)
+    recipe = get_recipe("in1k", image_size=32, batch_size=8)
+    images, targets = next(iter(data.train_dataset((paths, labels), recipe, 3)))
+    images, targets = images.numpy(), targets.numpy()
+    assert images.shape == (8, 32, 32, 3) and images.dtype == np.float32
+    assert images.min() >= 0 and images.max() <= 255
+    assert targets.shape == (8, 3)
+    np.testing.assert_allclose(targets.sum(axis=1), 1.0, rtol=1e-5)
+    assert (targets.max(axis=1) < 1.0 - 1e-6).any()  # Mixup or CutMix mixed some labels
+    plain = get_recipe(recipe, mixup=0.0, cutmix=0.0, rand_augment=None, random_erasing=0.0, color_jitter=0.0)
+    images, targets = next(iter(data.train_dataset((paths, labels), plain, 3)))
+    assert set(np.unique(targets.numpy())) <= {0.0, 1.0}
+    np.testing.assert_array_equal(targets.numpy().sum(axis=1), 1.0)
+
+
+def test_rand_augment_chooses_operations_per_image():
+    layer = data.rand_augment(9, num_ops=2, seed=3)
+    batch = np.random.default_rng(0).uniform(0, 255, (32, 32, 32, 3)).astype("float32")
+    transformation = layer.get_random_transformation(batch, training=True)
+    idx = _np(transformation["layer_idxes"])
+    assert idx.shape == (2, 32) and len(np.unique(idx[0])) > 3
+    out = _np(layer(batch))
+    assert out.shape == batch.shape and not np.allclose(out, batch)
+    # timm's strengths at m9, not Keras's single factor (0.81 of a full turn).
+    assert layer.random_rotation.factor == pytest.approx((-27 / 360, 27 / 360))
+
+
+def test_eval_pipeline_matches_the_python_eval_transform(folder):
+    from keras_convnext.preprocessing import eval_transform
+
+    paths, labels, _ = data.image_folder(folder)
+    pngs = [p for p in paths if p.endswith(".png")][:4]
+    ds = data.eval_dataset((pngs, [0] * 4), 3, image_size=32, crop_pct=0.875, batch_size=4)
+    images = next(iter(ds))[0].numpy()
+    for image, path in zip(images, pngs):
+        expected = eval_transform(path, image_size=32, crop_pct=0.875).astype("float32")
+        assert np.abs(image - expected).max() <= 1.0
+        assert np.mean(image != expected) < 0.01
+
+
+# ---- one real step of every recipe, on TFDS mock data ------------------------------------------
+
+@pytest.fixture(scope="module")
+def atto_weights(tmp_path_factory):
+    """A random-init ConvNeXt-Atto checkpoint: what the fine-tuning recipes start from here."""
+    path = str(tmp_path_factory.mktemp("ckpt") / "atto.weights.h5")
+    ConvNeXtAtto(weights=None, input_shape=(32, 32, 3)).save_weights(path)
+    return path
+
+
+@pytest.mark.parametrize("name", ["in1k", "in22k", "in22k_ft_in1k", "ft_384", "finetune"])
+def test_one_training_step_of_every_recipe_on_tfds(name, atto_weights, tmp_path):
+    import tensorflow_datasets as tfds
+
+    recipe = get_recipe(name)
+    preset = atto_weights if recipe.weights else None
+    probe = _Steps()
+    with tfds.testing.mock_data(num_examples=8):
+        result = train("cifar10", str(tmp_path), variant="atto", recipe=name, preset=preset, image_size=32,
+                       epochs=1, batch_size=8, verbose=0, callbacks=[probe])
+    assert probe.batches == 1 and math.isfinite(probe.loss)
+    assert probe.moved > 0  # the step changed the weights
+    assert result["classes"][:2] == ["airplane", "automobile"] and result["epochs"] == 1
+    model = keras.saving.load_model(result["model"])
+    assert model.output_shape == (None, 10)
+    assert [int(r["epoch"]) for r in read_history(result["history"])] == [0]
+    assert open(result["curves"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert not os.path.exists(tmp_path / "backup")
+
+
+class _Steps(keras.callbacks.Callback):
+    def on_train_begin(self, logs=None):
+        self.batches, self.start = 0, [_np(v) for v in self.model.trainable_variables]
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.batches += 1
+        self.loss = float(logs["loss"])
+        self.moved = sum(float(np.abs(_np(v) - s).sum()) for v, s in zip(self.model.trainable_variables, self.start))
+
+
+# ---- the train command -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    from keras_convnext.demo import write_digits_folders
+
+    return write_digits_folders(str(tmp_path_factory.mktemp("digits")), image_size=32)
+
+
+def _cli(*args, **kw):
+    exe = os.path.join(os.path.dirname(sys.executable), "keras-convnext")
+    return subprocess.Popen([exe, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda root: str(root / "missing"), "must be a folder of class folders or a TFDS name"),
+    (lambda root: (os.makedirs(root / "empty"), str(root / "empty"))[1], "holds no class folders"),
+    (lambda root: (os.makedirs(root / "d" / "cat"), os.makedirs(root / "d" / "dog"), str(root / "d"))[-1],
+     "Class folder 'cat' has no images"),
+])
+def test_train_command_refuses_bad_data(make, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", make(tmp_path), "--out", str(tmp_path / "out")])
+    assert message in str(e.value.code)
+    assert not os.path.exists(tmp_path / "out" / "model.keras")
+
+
+def test_train_command_refuses_unknown_recipe(digits, tmp_path):
+    with pytest.raises(SystemExit, match=r"Unknown recipe\. Valid values: .*Received: recipe='imagenet'"):
+        main(["train", digits[0], "--recipe", "imagenet", "--out", str(tmp_path)])
+
+
+def test_train_command_on_digits_from_scratch(digits, tmp_path, capsys):
+    """The README's figure: in1k recipe scaled down to 30 epochs at batch 64 and 32 px."""
+    out = tmp_path / "run"
+    start = time.perf_counter()
+    main(["train", digits[0], "--val-dir", digits[1], "--variant", "atto", "--recipe", "in1k",
+          "--epochs", "30", "--batch-size", "64", "--image-size", "32", "--out", str(out), "--quiet", "--json"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    print(f"\n[digits] backend {BACKEND}: held-out accuracy {result['accuracy']:.4f} "
+          f"in {time.perf_counter() - start:.0f} s")
+    assert result["accuracy"] >= 0.95
+    rows = read_history(out / "history.csv")
+    assert [int(r["epoch"]) for r in rows] == list(range(30))
+    assert {"loss", "accuracy", "val_loss", "val_accuracy"} <= set(rows[0])
+    # The saved file is the evaluated (EMA) network: it scores what the command reported.
+    model = keras.saving.load_model(out / "model.keras")
+    val = data.eval_dataset(data.image_folder(digits[1])[:2], 10, image_size=32, batch_size=120)
+    model.compile(loss="categorical_crossentropy", metrics=["accuracy"])
+    _, accuracy = model.evaluate(val, verbose=0)
+    assert accuracy == pytest.approx(result["accuracy"], abs=1.5 / 360)  # one image may tip
+    assert json.load(open(out / "classes.json")) == [str(d) for d in range(10)]
+
+
+def test_train_command_resumes_after_a_kill(digits, tmp_path):
+    out = tmp_path / "run"
+    args = [digits[0], "--val-dir", digits[1], "--recipe", "in1k", "--epochs", "4", "--batch-size", "64",
+            "--image-size", "32", "--out", str(out), "--quiet", "--json"]
+    env = dict(os.environ, KERAS_BACKEND=BACKEND)
+    proc = _cli("train", *args, env=env)
+    meta = out / "backup" / "training_metadata.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if meta.exists() and json.loads(meta.read_text())["epoch"] >= 1:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert meta.exists(), proc.stderr.read()
+    done = json.loads(meta.read_text())["epoch"]
+    assert 1 <= done < 4 and not (out / "model.keras").exists()
+
+    proc = _cli("train", *args, env=env)
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr
+    result = json.loads(stdout.strip().splitlines()[-1])
+    assert result["resumed_from"] >= done
+    assert [int(r["epoch"]) for r in read_history(out / "history.csv")] == [0, 1, 2, 3]
+    assert (out / "model.keras").exists() and not (out / "backup").exists()
+    assert not [f for f in os.listdir(out) if f.startswith(".partial")]
+
+
+# ---- data parallel -----------------------------------------------------------------------------
+
+@pytest.mark.skipif(BACKEND == "jax", reason="the JAX run is the subprocess test below")
+def test_data_parallel_needs_jax():
+    from keras_convnext.training import _data_parallel
+
+    assert _data_parallel(8, "auto") == 1
+    with pytest.raises(ValueError, match=rf"needs the JAX backend.*backend '{BACKEND}'"):
+        _data_parallel(8, True)
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="keras.distribution's DataParallel is the JAX backend's")
+def test_data_parallel_on_two_host_devices(folder, tmp_path):
+    script = f"""
+import json, keras
+from keras_convnext.training import train
+result = train({folder!r}, {str(tmp_path)!r}, variant="atto", recipe="in1k", image_size=32, epochs=1,
+               batch_size=8, val_split=0.25, verbose=0)
+dist = keras.distribution.distribution()
+print(json.dumps({{"devices": result["devices"], "kind": type(dist).__name__,
+                  "mesh": list(dist.device_mesh.shape), "loss": result["loss"]}}))
+"""
+    env = dict(os.environ, KERAS_BACKEND="jax", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["devices"] == 2 and result["kind"] == "DataParallel" and result["mesh"] == [2]
+    assert math.isfinite(result["loss"])
+
+
+# ---- examples ----------------------------------------------------------------------------------
+
+def _example(name):
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_example_finetune_folder(folder, atto_weights, tmp_path):
+    result = _example("finetune_folder").main(
+        [folder, "--variant", "atto", "--weights", atto_weights, "--epochs", "1", "--batch-size", "8",
+         "--image-size", "32", "--out", str(tmp_path)])
+    assert result["classes"] == ["class0", "class1", "class2"] and os.path.exists(result["model"])
+
+
+def test_example_tfds_train():
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=16):
+        history, accuracy = _example("tfds_train").main(["--epochs", "1", "--batch-size", "8"])
+    assert len(history.history["loss"]) == 1 and 0.0 <= accuracy <= 1.0
+
+
+def test_example_digits_from_scratch(tmp_path):
+    result = _example("digits_from_scratch").main(["--epochs", "1", "--out", str(tmp_path)])
+    assert result["epochs"] == 1 and 0.0 <= result["accuracy"] <= 1.0
