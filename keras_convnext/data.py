@@ -353,7 +353,7 @@ def batch_mixer(recipe, seed=None):
     return mix
 
 
-def eval_dataset(source, num_classes, image_size=224, crop_pct=0.875, batch_size=32):
+def eval_dataset(source, num_classes, image_size=224, crop_pct=0.875, batch_size=32, drop_remainder=False):
     """The evaluation pipeline: the eval transform, batches of (float32 images, one-hot labels)."""
     import tensorflow as tf
 
@@ -363,4 +363,5 @@ def eval_dataset(source, num_classes, image_size=224, crop_pct=0.875, batch_size
         return resize_crop(image, image_size, crop_pct, squash), tf.one_hot(label, num_classes)
 
     ds = _elements(source, shuffle=False, seed=None)
-    return ds.map(per_image, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    ds = ds.map(per_image, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)

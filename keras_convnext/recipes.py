@@ -97,7 +97,7 @@ class Recipe:
         if not self.ema_scale_to_run or total_steps >= EMA_REFERENCE_STEPS:
             return self.ema_momentum
         # Same horizon as a fraction of the run: 0.9999 over 93,900 steps ~ 0.986 over 690.
-        return 1.0 - (1.0 - self.ema_momentum) * EMA_REFERENCE_STEPS / max(total_steps, 1)
+        return max(0.0, 1.0 - (1.0 - self.ema_momentum) * EMA_REFERENCE_STEPS / max(total_steps, 1))
 
     def optimizer(self, steps_per_epoch, batch_size=None):
         """AdamW with the schedule, layer decay, 1-D exclusions from weight decay and EMA."""

@@ -45,6 +45,7 @@ class ResumableBackup(keras.callbacks.BackupAndRestore):
         self.model.load_weights(os.path.join(self.backup_dir, meta["weights"]))
         self.model._initial_epoch = meta["epoch"]
         self.resumed_from = meta["epoch"]
+        print(f"Resuming from {self.backup_dir}: {meta['epoch']} epoch(s) done.", flush=True)
 
     def _save_model(self):
         os.makedirs(self.backup_dir, exist_ok=True)
@@ -266,8 +267,10 @@ def train(data, out, variant="atto", recipe="finetune", preset=None, image_size=
     os.makedirs(out, exist_ok=True)
     devices = _data_parallel(recipe.batch_size, distribute)
     train_ds = data_lib.train_dataset(train_source, recipe, len(classes), seed=seed)
+    # Data parallel splits every batch over the devices: validation then runs on whole batches
+    # (the remainder, fewer images than one batch, is left out).
     val_ds = data_lib.eval_dataset(val_source, len(classes), recipe.image_size, recipe.crop_pct,
-                                   batch_size=recipe.batch_size)
+                                   batch_size=recipe.batch_size, drop_remainder=devices > 1)
     steps = train_size // recipe.batch_size
 
     from keras_convnext.model import ConvNeXt

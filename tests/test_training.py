@@ -85,6 +85,7 @@ def test_ema_momentum_keeps_its_horizon_on_short_runs():
     assert r.ema_momentum_for(93_900) == 0.9999
     assert r.ema_momentum_for(690) == pytest.approx(1 - 1e-4 * 93_900 / 690)
     assert get_recipe("in1k", ema_scale_to_run=False).ema_momentum_for(690) == 0.9999
+    assert r.ema_momentum_for(5) == 0.0  # a run shorter than the horizon: no averaging
     assert get_recipe("in22k").ema_momentum_for(690) is None
 
 
@@ -110,7 +111,7 @@ def _tiny(**kw):
 def test_layer_decay_sets_each_variables_learning_rate(images):
     # Adam's first step moves every weight by lr * sign(grad): the step is the effective rate.
     model = _tiny(layer_scale_init_value=1.0)
-    lr, decay = 1e-3, 0.5
+    lr, decay = 0.1, 0.5  # the smallest step, lr * 0.5**13, stays far above float32 rounding
     opt = AdamWLayerDecay(learning_rate=lr, weight_decay=0.0, layer_decay=decay, epsilon=1e-12)
     model.compile(optimizer=opt, loss="categorical_crossentropy")
     before = [_np(v) for v in model.trainable_variables]
@@ -126,7 +127,7 @@ def test_layer_decay_sets_each_variables_learning_rate(images):
             assert step == pytest.approx(expected, rel=1e-3), v.path
             checked += 1
     assert checked >= 0.9 * len(before)
-    assert len({round(r, 12) for r in rates.values()}) == 5  # tiny (1, 1, 2, 1): groups 0, 1, 2, 3, 12, 13
+    assert len({round(r, 12) for r in rates.values()}) == 6  # tiny (1, 1, 2, 1): groups 0, 1, 2, 3, 12, 13
 
 
 def test_weight_decay_skips_1d_variables_and_follows_layer_decay():
@@ -136,7 +137,7 @@ def test_weight_decay_skips_1d_variables_and_follows_layer_decay():
     variables = model.trainable_variables
     opt.build(variables)
     before = [_np(v) for v in variables]
-    opt.apply([keras.ops.zeros_like(v) for v in variables], variables)  # zero gradients: decay alone
+    opt.apply([keras.ops.zeros(v.shape, v.dtype) for v in variables], variables)  # zero gradients: decay alone
     for v, b in zip(variables, before):
         if v.ndim <= 1:
             np.testing.assert_array_equal(_np(v), b, err_msg=v.path)
@@ -173,7 +174,8 @@ class _WeightsAt(keras.callbacks.Callback):
 
 
 def test_ema_weights_are_evaluated_and_kept_at_the_end():
-    recipe = get_recipe("in1k", epochs=2, batch_size=4, ema_momentum=0.5, ema_scale_to_run=False)
+    recipe = get_recipe("in1k", epochs=2, batch_size=4, lr=1e-2, lr_batch_size=4, warmup_epochs=0,
+                        ema_momentum=0.5, ema_scale_to_run=False)
     model = _tiny()
     model.compile(**recipe.compile_kwargs(steps_per_epoch=2))
     rng = np.random.default_rng(0)
@@ -182,13 +184,16 @@ def test_ema_weights_are_evaluated_and_kept_at_the_end():
     probe = _WeightsAt()
     model.fit(x, y, batch_size=4, epochs=2, validation_data=(x, y), verbose=0,
               callbacks=[*recipe.callbacks(), probe])
-    for weights, ema in probe.at_test:  # validation ran on the EMA weights
-        for w, e in zip(weights, ema):
-            np.testing.assert_array_equal(w, e)
-    weights, ema = probe.at_epoch_end[-1]  # and training goes on with its own weights
-    assert any(not np.array_equal(w, e) for w, e in zip(weights, ema))
+    # Validation ran on the EMA weights: at its start the model holds what the optimizer keeps as
+    # the EMA once the epoch is over (SwapEMAWeights exchanges the two, by addition: ~1 ulp).
+    for (tested, slot), (trained, ema) in zip(probe.at_test, probe.at_epoch_end):
+        for t, s, w, e in zip(tested, slot, trained, ema):
+            np.testing.assert_allclose(t, e, atol=1e-7)
+            np.testing.assert_allclose(s, w, atol=1e-7)
+    trained, ema = probe.at_epoch_end[-1]  # training goes on with its own weights
+    assert max(np.abs(w - e).max() for w, e in zip(trained, ema)) > 1e-4
     for v, e in zip(model.trainable_variables, ema):  # fit ends holding the EMA
-        np.testing.assert_array_equal(_np(v), e)
+        np.testing.assert_allclose(_np(v), e, atol=1e-7)
     # A second fit works (Keras's own EMA hand-over shares buffers on JAX and fails here).
     history = model.fit(x, y, batch_size=4, epochs=1, verbose=0)
     assert math.isfinite(history.history["loss"][0])
@@ -275,8 +280,8 @@ def test_eval_pipeline_matches_the_python_eval_transform(folder):
 @pytest.fixture(scope="module")
 def atto_weights(tmp_path_factory):
     """A random-init ConvNeXt-Atto checkpoint: what the fine-tuning recipes start from here."""
-    path = str(tmp_path_factory.mktemp("ckpt") / "atto.weights.h5")
-    ConvNeXtAtto(weights=None, input_shape=(32, 32, 3)).save_weights(path)
+    path = str(tmp_path_factory.mktemp("ckpt") / "atto.keras")  # a .keras file loads across class counts
+    ConvNeXtAtto(weights=None, input_shape=(32, 32, 3)).save(path)
     return path
 
 
@@ -292,7 +297,7 @@ def test_one_training_step_of_every_recipe_on_tfds(name, atto_weights, tmp_path)
                        epochs=1, batch_size=8, verbose=0, callbacks=[probe])
     assert probe.batches == 1 and math.isfinite(probe.loss)
     assert probe.moved > 0  # the step changed the weights
-    assert result["classes"][:2] == ["airplane", "automobile"] and result["epochs"] == 1
+    assert len(result["classes"]) == 10 and result["epochs"] == 1
     model = keras.saving.load_model(result["model"])
     assert model.output_shape == (None, 10)
     assert [int(r["epoch"]) for r in read_history(result["history"])] == [0]
@@ -317,6 +322,13 @@ def digits(tmp_path_factory):
     from keras_convnext.demo import write_digits_folders
 
     return write_digits_folders(str(tmp_path_factory.mktemp("digits")), image_size=32)
+
+
+# The in1k recipe scaled to 1,437 32 px digits (README, Training): the linear rule's 6e-5 peak is
+# too low for 690 steps; mirrored digits are other symbols; a crop of 8% of 32 px is a 9 px
+# fragment; Mixup/CutMix underfit so short a run (0.911 and 0.964 held out with them, TF).
+DIGITS_SETTINGS = ["--lr", "2e-3", "--set", "hflip=0.0", "--set", "scale=(0.25, 1.0)",
+                   "--set", "mixup=0.0", "--set", "cutmix=0.0"]
 
 
 def _cli(*args, **kw):
@@ -347,10 +359,12 @@ def test_train_command_on_digits_from_scratch(digits, tmp_path, capsys):
     out = tmp_path / "run"
     start = time.perf_counter()
     main(["train", digits[0], "--val-dir", digits[1], "--variant", "atto", "--recipe", "in1k",
-          "--epochs", "30", "--batch-size", "64", "--image-size", "32", "--out", str(out), "--quiet", "--json"])
+          "--epochs", "30", "--batch-size", "64", "--image-size", "32", *DIGITS_SETTINGS,
+          "--out", str(out), "--quiet", "--json"])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    print(f"\n[digits] backend {BACKEND}: held-out accuracy {result['accuracy']:.4f} "
-          f"in {time.perf_counter() - start:.0f} s")
+    with capsys.disabled():  # the README's figures, in the test log
+        print(f"\n[digits] backend {BACKEND}: held-out accuracy {result['accuracy']:.4f}, "
+              f"training {result['seconds']:.0f} s, command {time.perf_counter() - start:.0f} s")
     assert result["accuracy"] >= 0.95
     rows = read_history(out / "history.csv")
     assert [int(r["epoch"]) for r in rows] == list(range(30))
@@ -364,9 +378,10 @@ def test_train_command_on_digits_from_scratch(digits, tmp_path, capsys):
     assert json.load(open(out / "classes.json")) == [str(d) for d in range(10)]
 
 
-def test_train_command_resumes_after_a_kill(digits, tmp_path):
+def test_train_command_resumes_after_a_kill(folder, tmp_path):
     out = tmp_path / "run"
-    args = [digits[0], "--val-dir", digits[1], "--recipe", "in1k", "--epochs", "4", "--batch-size", "64",
+    epochs = 12
+    args = [folder, "--val-split", "0.25", "--recipe", "in1k", "--epochs", str(epochs), "--batch-size", "8",
             "--image-size", "32", "--out", str(out), "--quiet", "--json"]
     env = dict(os.environ, KERAS_BACKEND=BACKEND)
     proc = _cli("train", *args, env=env)
@@ -375,19 +390,19 @@ def test_train_command_resumes_after_a_kill(digits, tmp_path):
     while time.time() < deadline and proc.poll() is None:
         if meta.exists() and json.loads(meta.read_text())["epoch"] >= 1:
             break
-        time.sleep(0.05)
+        time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert meta.exists(), proc.stderr.read()
     done = json.loads(meta.read_text())["epoch"]
-    assert 1 <= done < 4 and not (out / "model.keras").exists()
+    assert 1 <= done < epochs and not (out / "model.keras").exists()
 
     proc = _cli("train", *args, env=env)
     stdout, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stderr
     result = json.loads(stdout.strip().splitlines()[-1])
     assert result["resumed_from"] >= done
-    assert [int(r["epoch"]) for r in read_history(out / "history.csv")] == [0, 1, 2, 3]
+    assert [int(r["epoch"]) for r in read_history(out / "history.csv")] == list(range(epochs))
     assert (out / "model.keras").exists() and not (out / "backup").exists()
     assert not [f for f in os.listdir(out) if f.startswith(".partial")]
 
