@@ -11,6 +11,7 @@ import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 import torch  # noqa: E402  (before TensorFlow, see tests/conftest.py)
+import torchvision  # noqa: E402,F401  (likewise: TensorFlow first segfaults)
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from peers import TINY_DEPTHS, TINY_DIMS, hf_model, keras_apps_tiny, timm_model, timm_to_official, torch_logits  # noqa: E402
