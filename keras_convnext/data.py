@@ -283,7 +283,7 @@ def train_dataset(source, recipe, num_classes, image_size=None, batch_size=None,
 
     size = image_size or recipe.image_size
     batch_size = batch_size or recipe.batch_size
-    augment = rand_augment(*_magnitude(recipe.rand_augment), seed=seed) if recipe.rand_augment else None
+    augment = rand_augment(recipe.rand_augment[0], seed=seed) if recipe.rand_augment else None
     jitter = None
     if augment is None and recipe.color_jitter:
         cj = recipe.color_jitter
@@ -320,11 +320,6 @@ def train_dataset(source, recipe, num_classes, image_size=None, batch_size=None,
     if mix is not None:
         ds = ds.map(mix, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
-
-
-def _magnitude(spec):
-    magnitude, _std = spec
-    return (magnitude,)
 
 
 def batch_mixer(recipe, seed=None):
