@@ -204,6 +204,56 @@ def resize_crop(image, image_size, crop_pct=0.875, squash=False):
     return tf.ensure_shape(resized[top:top + image_size, left:left + image_size, :], [image_size, image_size, 3])
 
 
+def _per_image_equalization():
+    import keras
+
+    class PerImageEqualization(keras.layers.Equalization):
+        """Histogram equalization with one histogram per image and channel, by PIL's rule.
+
+        Written here because Keras's `Equalization` pools each channel's histogram over the whole
+        batch (PIL's `ImageOps.equalize`, which timm's RandAugment applies, is per image), and on
+        the JAX backend it builds the histogram as a 256-step Python loop even inside tf.data:
+        36 s of graph tracing per pipeline and a slower iterator every epoch. Here the histograms
+        are one segment sum over (image, channel, level) ids, which every backend runs as-is.
+        """
+
+        def transform_images(self, images, transformation=None, training=True):
+            if not training:
+                return images
+            b = self.backend
+            x = b.cast(images, "float32")
+            scaled = tuple(self.value_range) != (0, 255)
+            if scaled:
+                x = self._scale_values(x, self.value_range, (0, 255))
+            shape = b.core.shape(x)
+            n, h, w, c = shape[0], shape[1], shape[2], shape[3]
+            rows = n * c
+            levels = b.numpy.clip(b.cast(x, "int32"), 0, 255)
+            levels = b.numpy.reshape(b.numpy.transpose(levels, (0, 3, 1, 2)), (rows, h * w))
+            ids = b.numpy.reshape(levels + b.numpy.expand_dims(b.numpy.arange(rows, dtype="int32") * 256, 1), (-1,))
+            hist = b.math.segment_sum(b.numpy.ones_like(ids), ids, num_segments=rows * 256)
+            hist = b.numpy.reshape(hist, (rows, 256))
+            # PIL: step = (pixels - count of the highest occupied level) // 255; no step, no change;
+            # else lut[i] = (step // 2 + pixels below level i) // step.
+            occupied = b.cast(hist > 0, "int32")
+            top = 255 - b.numpy.argmax(b.numpy.flip(occupied, axis=1), axis=1)
+            top_count = b.numpy.squeeze(b.numpy.take_along_axis(hist, b.numpy.expand_dims(top, 1), axis=1), 1)
+            step = (b.numpy.sum(hist, axis=1) - top_count) // 255
+            below = b.numpy.cumsum(hist, axis=1) - hist
+            safe = b.numpy.expand_dims(b.numpy.maximum(step, 1), 1)
+            lut = b.numpy.minimum((b.numpy.expand_dims(step // 2, 1) + below) // safe, 255)
+            identity = b.numpy.expand_dims(b.numpy.arange(256, dtype=lut.dtype), 0)
+            lut = b.numpy.where(b.numpy.expand_dims(step, 1) > 0, lut, identity)
+            out = b.numpy.take_along_axis(lut, levels, axis=1)
+            out = b.numpy.transpose(b.numpy.reshape(out, (n, c, h, w)), (0, 2, 3, 1))
+            out = b.cast(out, "float32")
+            if scaled:
+                out = self._scale_values(out, (0, 255), self.value_range)
+            return b.cast(out, self.compute_dtype)
+
+    return PerImageEqualization
+
+
 def _per_image_rand_augment():
     import keras
 
@@ -264,6 +314,7 @@ def rand_augment(magnitude=9, num_ops=2, seed=None):
     layer.random_translation = keras.layers.RandomTranslation(0.45 * m, 0.45 * m, fill_mode="constant",
                                                               fill_value=128.0, seed=seed)
     layer.random_brightness = keras.layers.RandomBrightness(0.45 * m, value_range=(0, 255), seed=seed)
+    layer.equalization = _per_image_equalization()(value_range=(0, 255))
     return layer
 
 

@@ -262,6 +262,24 @@ def test_rand_augment_chooses_operations_per_image():
     assert layer.random_rotation.factor == pytest.approx((-27 / 360, 27 / 360))
 
 
+def test_equalization_is_pils_per_image_in_eager_and_in_tf_data():
+    import tensorflow as tf
+    from PIL import ImageOps
+
+    rng = np.random.default_rng(0)
+    batch = np.concatenate([rng.integers(0, 256, (2, 20, 24, 3)), rng.integers(60, 90, (2, 20, 24, 3)),
+                            np.full((1, 20, 24, 3), 7)]).astype("uint8")
+    batch[3, :, :, 1] = 5  # a channel with two levels, one of them a single pixel: PIL leaves it
+    batch[3, 0, 0, 1] = 200
+    expected = np.stack([np.asarray(ImageOps.equalize(Image.fromarray(im))) for im in batch]).astype("float32")
+    layer = data.rand_augment(9).equalization
+    np.testing.assert_array_equal(_np(layer(batch.astype("float32"))), expected)
+    ds = tf.data.Dataset.from_tensor_slices(batch.astype("float32")).batch(5).map(layer)
+    np.testing.assert_array_equal(next(iter(ds)).numpy(), expected)
+    # One image's histogram does not change another's result (Keras pools the batch).
+    np.testing.assert_array_equal(_np(layer(batch[:1].astype("float32"))), expected[:1])
+
+
 def test_eval_pipeline_matches_the_python_eval_transform(folder):
     from keras_convnext.preprocessing import eval_transform
 
