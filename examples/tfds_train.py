@@ -10,12 +10,13 @@ import argparse
 
 import keras
 
-from keras_convnext import ConvNeXtAtto, data, get_recipe
+from keras_convnext import VARIANTS, ConvNeXt, data, get_recipe
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="cifar10")
+    parser.add_argument("--variant", default="atto")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--image-size", type=int, default=32)
@@ -29,8 +30,9 @@ def main(argv=None):
     train_ds = data.train_dataset(train_source, recipe, len(classes))
     val_ds = data.eval_dataset(val_source, len(classes), recipe.image_size, recipe.crop_pct, args.batch_size)
 
-    model = ConvNeXtAtto(weights=None, input_shape=(args.image_size, args.image_size, 3), classes=len(classes),
-                         **recipe.model_kwargs("atto"))
+    variant = VARIANTS[args.variant]
+    model = ConvNeXt(variant.depths, variant.dims, weights=None, input_shape=(args.image_size, args.image_size, 3),
+                     classes=len(classes), **recipe.model_kwargs(variant))
     model.compile(**recipe.compile_kwargs(steps_per_epoch=size // args.batch_size))
     history = model.fit(train_ds, validation_data=val_ds, epochs=recipe.epochs, callbacks=recipe.callbacks())
     loss, accuracy = model.evaluate(val_ds, verbose=0)  # fit ended holding the EMA weights

@@ -22,7 +22,7 @@ from keras_convnext.preprocessing import (
     preprocess_input,
 )
 from keras_convnext.presets import Preset, get_preset, list_presets
-from keras_convnext.variants import VARIANTS
+from keras_convnext.variants import VARIANTS, Variant
 
 from keras_convnext.checkpoints import CheckpointError
 from keras_convnext.weights import DownloadError, convert, fetch_preset

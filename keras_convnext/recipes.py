@@ -66,12 +66,16 @@ class Recipe:
         return self.lr * (batch_size or self.batch_size) / self.lr_batch_size
 
     def drop_path_for(self, variant):
-        """The recipe's stochastic depth for `variant` (a name from `VARIANTS`)."""
+        """The recipe's stochastic depth for `variant` (a name from `VARIANTS` or a `Variant`)."""
+        own = getattr(variant, "drop_path_rate", None)
+        variant = getattr(variant, "name", variant)
         if isinstance(self.drop_path_rate, dict):
             if variant in self.drop_path_rate:
                 return self.drop_path_rate[variant]
         elif self.drop_path_rate is not None:
             return float(self.drop_path_rate)
+        if own is not None:
+            return own
         return VARIANTS[variant].drop_path_rate if variant in VARIANTS else 0.0
 
     def model_kwargs(self, variant):

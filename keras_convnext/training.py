@@ -17,7 +17,7 @@ import keras
 
 from keras_convnext import data as data_lib
 from keras_convnext import recipes as recipes_lib
-from keras_convnext.variants import VARIANTS
+from keras_convnext.variants import VARIANTS, Variant
 
 BACKUP_DIR = "backup"
 
@@ -231,7 +231,7 @@ def train(data, out, variant="atto", recipe="finetune", preset=None, image_size=
     Args:
         data: a folder with one sub-folder of images per class, or a TFDS dataset name.
         out: output folder (created); an interrupted run resumes from `out/backup`.
-        variant: "atto" .. "xlarge".
+        variant: "atto" .. "xlarge", or a `Variant` (a shape of your own).
         recipe: a name from `recipes.list_recipes()` or a `Recipe`.
         preset: weights to start from (preset name, "imagenet" or a file); default: the recipe's.
         image_size, epochs, batch_size, lr: override the recipe (`lr` is the peak rate as used).
@@ -245,8 +245,14 @@ def train(data, out, variant="atto", recipe="finetune", preset=None, image_size=
         A dict: accuracy and loss on the validation data with the saved weights, seconds,
         epochs run, resumed_from (epoch or None), the output paths and the class names.
     """
-    if variant not in VARIANTS:
-        raise ValueError(f"Unknown variant. Valid values: {', '.join(VARIANTS)}. Received: variant={variant!r}")
+    if isinstance(variant, Variant):
+        spec = variant
+    elif variant in VARIANTS:
+        spec = VARIANTS[variant]
+    else:
+        raise ValueError(
+            f"Unknown variant. Valid values: {', '.join(VARIANTS)} or a `Variant`. Received: variant={variant!r}"
+        )
     overrides = {k: v for k, v in dict(image_size=image_size, epochs=epochs, batch_size=batch_size).items()
                  if v is not None}
     recipe = recipes_lib.get_recipe(recipe, **overrides, **recipe_overrides)
@@ -256,7 +262,7 @@ def train(data, out, variant="atto", recipe="finetune", preset=None, image_size=
         recipe = recipes_lib.get_recipe(recipe, lr=lr, lr_batch_size=recipe.batch_size)
     if recipe.image_size < 32:
         raise ValueError(f"ConvNeXt needs images of at least 32 px. Received: image_size={recipe.image_size}")
-    weights = _weights_for(recipe, variant, preset)
+    weights = _weights_for(recipe, spec.name, preset)
 
     keras.utils.set_random_seed(seed)
     train_source, val_source, classes, train_size = _sources(data, val_dir, val_split, seed)
@@ -275,9 +281,8 @@ def train(data, out, variant="atto", recipe="finetune", preset=None, image_size=
 
     from keras_convnext.model import ConvNeXt
 
-    spec = VARIANTS[variant]
     model = ConvNeXt(spec.depths, spec.dims, weights=weights, input_shape=(recipe.image_size,) * 2 + (3,),
-                     classes=len(classes), name=f"convnext_{variant}", **recipe.model_kwargs(variant))
+                     classes=len(classes), name=f"convnext_{spec.name}", **recipe.model_kwargs(spec))
     model.compile(**recipe.compile_kwargs(steps))
 
     history_path = os.path.join(out, "history.csv")

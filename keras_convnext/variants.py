@@ -9,14 +9,16 @@ import dataclasses
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
+    """A ConvNeXt shape. `train` also takes one of your own, e.g. `Variant("mini", (1, 1, 3, 1), (32, 64, 128, 256))`."""
+
     name: str
     depths: tuple
     dims: tuple
     # Stochastic depth of the variant's ImageNet-1k recipe (paper, Table 9 /
     # official README); the timm small variants were trained without it.
-    drop_path_rate: float
-    params: int
-    gmacs: float
+    drop_path_rate: float = 0.0
+    params: int = None
+    gmacs: float = None
 
 
 VARIANTS = {
