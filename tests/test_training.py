@@ -146,6 +146,38 @@ def test_weight_decay_skips_1d_variables_and_follows_layer_decay():
             np.testing.assert_allclose(_np(v), b * (1 - lr * scale * wd), rtol=1e-6, err_msg=v.path)
 
 
+def test_optimizer_matches_a_numpy_adamw_over_several_steps():
+    # The reference: PyTorch's AdamW with one parameter group per learning-rate scale, in NumPy.
+    model = _tiny()
+    lr, wd, decay, b1, b2, eps, ema = 1e-2, 0.1, 0.5, 0.9, 0.999, 1e-8, 0.9
+    opt = AdamWLayerDecay(learning_rate=lr, weight_decay=wd, layer_decay=decay, epsilon=eps,
+                          use_ema=True, ema_momentum=ema)
+    variables = model.trainable_variables
+    opt.build(variables)
+    rng = np.random.default_rng(0)
+    w = [_np(v).astype("float64") for v in variables]
+    m = [np.zeros_like(x) for x in w]
+    s = [np.zeros_like(x) for x in w]
+    average = [x.copy() for x in w]
+    for t in range(1, 4):
+        grads = [rng.normal(size=v.shape).astype("float32") for v in variables]
+        opt.apply([keras.ops.convert_to_tensor(g) for g in grads], variables)
+        for i, (v, g) in enumerate(zip(variables, grads)):
+            rate = lr * decay ** (13 - layer_group(v.path))
+            if v.ndim > 1:
+                w[i] = w[i] * (1 - rate * wd)
+            m[i] = b1 * m[i] + (1 - b1) * g
+            s[i] = b2 * s[i] + (1 - b2) * g * g
+            alpha = rate * np.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+            w[i] = w[i] - alpha * m[i] / (np.sqrt(s[i]) + eps)
+            momentum = ema if t > 1 else 0.0  # Keras's EMA starts from the first updated weights
+            average[i] = momentum * average[i] + (1 - momentum) * w[i]
+    for v, expected in zip(variables, w):
+        np.testing.assert_allclose(_np(v), expected, rtol=1e-5, atol=1e-6, err_msg=v.path)
+    for a, expected, v in zip(opt._model_variables_moving_average, average, variables):
+        np.testing.assert_allclose(_np(a), expected, rtol=1e-5, atol=1e-6, err_msg=v.path)
+
+
 def test_optimizer_round_trips_its_config():
     opt = AdamWLayerDecay(learning_rate=1e-3, weight_decay=0.05, layer_decay=0.7, num_groups=12)
     again = keras.optimizers.deserialize(keras.optimizers.serialize(opt))
