@@ -369,7 +369,11 @@ def train_dataset(source, recipe, num_classes, image_size=None, batch_size=None,
     ds = ds.map(per_batch, num_parallel_calls=tf.data.AUTOTUNE)
     mix = batch_mixer(recipe, seed=seed)
     if mix is not None:
-        ds = ds.map(mix, num_parallel_calls=tf.data.AUTOTUNE)
+        def mixed(images, labels):
+            images, labels = mix(images, labels)
+            return tf.clip_by_value(images, 0.0, 255.0), labels  # a blend of two 255s can round to 255.00002
+
+        ds = ds.map(mixed, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 

@@ -269,10 +269,12 @@ def test_image_folder_lists_classes_and_refuses_bad_layouts(folder, tmp_path):
 def test_train_pipeline_shapes_and_mixed_labels(folder):
     paths, labels, _ = data.image_folder(folder)
     recipe = get_recipe("in1k", image_size=32, batch_size=8)
-    images, targets = next(iter(data.train_dataset((paths, labels), recipe, 3)))
-    images, targets = images.numpy(), targets.numpy()
+    batches = [(x.numpy(), y.numpy()) for x, y in data.train_dataset((paths, labels), recipe, 3)]
+    assert len(batches) == 4
+    for images, _ in batches:  # mixing two bright pixels must not round above 255
+        assert images.min() >= 0 and images.max() <= 255
+    images, targets = batches[0]
     assert images.shape == (8, 32, 32, 3) and images.dtype == np.float32
-    assert images.min() >= 0 and images.max() <= 255
     assert targets.shape == (8, 3)
     np.testing.assert_allclose(targets.sum(axis=1), 1.0, rtol=1e-5)
     assert (targets.max(axis=1) < 1.0 - 1e-6).any()  # Mixup or CutMix mixed some labels
