@@ -3,9 +3,10 @@
     python examples/export_report.py [--variant tiny] [--image-size 224] [--backends tensorflow jax torch]
 
 Each backend runs in its own process: it builds the variant (random weights, layer scale 1, the head
-scaled to logits of standard deviation 3, so that the probabilities depend on the pixels), exports SavedModel, ONNX and LiteRT with
-`keras_convnext.export`, runs each file in its own runtime (TensorFlow, onnxruntime, the LiteRT
-interpreter) and compares the probabilities with the Keras model's. Prints a Markdown table.
+scaled to logits of standard deviation 3, so that the probabilities depend on the pixels), exports
+SavedModel, ONNX and LiteRT with `keras_convnext.export`, runs each file in its own runtime
+(TensorFlow, onnxruntime, the LiteRT interpreter) and compares the probabilities with the Keras
+model's. Prints a Markdown table.
 """
 
 import argparse
@@ -16,7 +17,8 @@ import sys
 import tempfile
 import time
 
-FORMATS = ("saved_model", "onnx", "litert")
+# Format -> the name of its output in the work folder.
+FORMATS = {"saved_model": "serving", "onnx": "model.onnx", "litert": "model.tflite"}
 
 
 def _measure(variant, image_size, out):
@@ -41,8 +43,7 @@ def _measure(variant, image_size, out):
     head.kernel.assign(head.kernel * (3.0 / logits.std(axis=1).mean()))
     expected = keras.ops.convert_to_numpy(model.predict(pixels, verbose=0))
     rows = []
-    for fmt in FORMATS:
-        name = {"saved_model": "serving", "onnx": "model.onnx", "litert": "model.tflite"}[fmt]
+    for fmt, name in FORMATS.items():
         start = time.perf_counter()
         path = kc.export(model, os.path.join(out, name), format=fmt)
         seconds = time.perf_counter() - start
