@@ -1,7 +1,8 @@
 """The one place where ConvNeXt's maths is written differently per backend, for speed.
 
-Each backend gets the fastest correct formulation of the 7x7 depthwise convolution measured on
-CPU (README, Performance). tests/test_backend_ops.py proves every path gives the same numbers.
+Each backend gets the fastest correct formulation of the 7x7 depthwise convolution and of the
+pointwise (Dense) layers measured on CPU (README, Performance). tests/test_backend_ops.py proves
+every path gives the same numbers.
 """
 
 import keras
@@ -128,3 +129,74 @@ def formulations_for(backend=BACKEND):
 def depthwise_conv_same(x, kernel, bias, formulation=None):
     """7x7 (any odd k) depthwise convolution, stride 1, 'same' padding, NHWC, plus bias."""
     return FORMULATIONS[formulation or DEFAULT.get(BACKEND, "keras")](x, kernel, bias)
+
+
+# Pointwise layers: x @ kernel + bias, then GELU or nothing, over the last axis of an NHWC map.
+
+
+def dense_keras(x, kernel, bias, gelu):
+    from keras import ops
+
+    y = ops.matmul(x, ops.cast(kernel, x.dtype)) + ops.cast(bias, x.dtype)
+    return ops.gelu(y, approximate=False) if gelu else y
+
+
+def _fused_linear_gelu_ok(x, kernel):
+    import torch
+
+    # oneDNN's fused linear+GELU has no autograd formula and is not traceable by torch.export or
+    # ONNX export: inference in eager mode only (Keras's predict runs under no_grad).
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+            and not (torch.is_grad_enabled() and (x.requires_grad or kernel.requires_grad))
+            and not torch.compiler.is_compiling() and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+def dense_torch(x, kernel, bias, gelu):
+    # Keras's Dense is matmul, then a separate bias add, then GELU: three passes over a 4C-wide
+    # map. addmm folds the bias into the GEMM, and at inference oneDNN's linear with a GELU
+    # post-op (what torch.compile's CPU backend emits; torch eager has no public call) folds the
+    # GELU in too: 2x faster on the stage-0 pwconv1 (README, Performance).
+    import torch
+    import torch.nn.functional as F
+    from keras import ops
+
+    kernel, bias = ops.convert_to_tensor(kernel), ops.convert_to_tensor(bias)
+    kernel, bias = kernel.to(x.dtype), bias.to(x.dtype)
+    flat = x.reshape(-1, x.shape[-1])
+    if gelu and _fused_linear_gelu_ok(flat, kernel):
+        y = torch.ops.mkldnn._linear_pointwise(flat, kernel.t(), bias, "gelu", [], "none")
+    else:
+        y = torch.addmm(bias, flat, kernel)
+        if gelu:
+            y = F.gelu(y)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def dense_tensorflow(x, kernel, bias, gelu):
+    # Keras's Dense on a 4-D map is tensordot (reshape, MatMul, reshape), then AddV2 and GELU's
+    # five ops: the reshape between MatMul and the add keeps grappler from fusing them. A 2-D
+    # MatMul -> BiasAdd -> Gelu chain becomes one oneDNN _FusedMatMul (7x faster on the stage-0
+    # pwconv1 in bfloat16, 3x in float32).
+    import tensorflow as tf
+
+    kernel, bias = tf.cast(kernel, x.dtype), tf.cast(bias, x.dtype)
+    shape = tf.shape(x)
+    y = tf.nn.bias_add(tf.matmul(tf.reshape(x, (-1, x.shape[-1])), kernel), bias)
+    if gelu:
+        y = tf.nn.gelu(y, approximate=False)
+    return tf.reshape(y, tf.concat([shape[:-1], [kernel.shape[-1]]], axis=0))
+
+
+DENSE_FORMULATIONS = {"torch": dense_torch, "tensorflow": dense_tensorflow, "keras": dense_keras}
+DENSE_DEFAULT = {"torch": "torch", "tensorflow": "tensorflow", "jax": "keras"}
+
+
+def dense_formulations_for(backend=BACKEND):
+    """The Dense formulations that run on `backend`."""
+    return [name for name in DENSE_FORMULATIONS if name in ("keras", backend)]
+
+
+def dense(x, kernel, bias, gelu=False, formulation=None):
+    """x @ kernel + bias over the last axis, then exact (erf) GELU if `gelu`."""
+    return DENSE_FORMULATIONS[formulation or DENSE_DEFAULT.get(BACKEND, "keras")](x, kernel, bias, gelu)

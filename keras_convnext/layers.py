@@ -160,3 +160,23 @@ class DepthwiseConv(keras.layers.Layer):
         config.update({"kernel_size": self.kernel_size,
                        "kernel_initializer": keras.initializers.serialize(self.kernel_initializer)})
         return config
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class PointwiseDense(keras.layers.Dense):
+    """`keras.layers.Dense` on channels-last maps, computed in each backend's fastest form.
+
+    The same variables, config and numbers as `Dense`; with a bias and no or a GELU activation
+    (ConvNeXt's pwconv1, pwconv2) the call goes through `backend_ops.dense`, which fuses the bias
+    and GELU into the matrix product where the backend can. Anything else (LoRA, quantization,
+    another activation) is Dense's own call.
+    """
+
+    def call(self, inputs, training=None):
+        from keras_convnext import backend_ops
+
+        gelu = self.activation is keras.activations.gelu
+        if (self.bias is None or self.lora_enabled or self.quantization_mode is not None
+                or not (gelu or self.activation is keras.activations.linear)):
+            return super().call(inputs, training=training)
+        return backend_ops.dense(inputs, self.kernel, self.bias, gelu=gelu)

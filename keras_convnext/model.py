@@ -9,7 +9,7 @@ import os
 import keras
 
 from keras_convnext import presets as presets_lib
-from keras_convnext.layers import ConvNeXtPreprocessing, DepthwiseConv, LayerScale, StochasticDepth
+from keras_convnext.layers import ConvNeXtPreprocessing, DepthwiseConv, LayerScale, PointwiseDense, StochasticDepth
 from keras_convnext.variants import VARIANTS
 
 LN_EPS = 1e-6  # every ConvNeXt LayerNorm, stem to head
@@ -39,10 +39,11 @@ def _block(x, dim, drop_path, layer_scale_init_value, prefix):
     x = DepthwiseConv(7, kernel_initializer=_kernel_init(), name=f"{prefix}_dwconv")(x)
     x = _layer_norm(f"{prefix}_norm")(x)
     # Pointwise convs as Dense on (N, H, W, C): the same maths as 1x1 convs, as in the paper's code.
-    x = keras.layers.Dense(
+    # PointwiseDense: Dense with the bias and GELU fused into the product where the backend can.
+    x = PointwiseDense(
         4 * dim, activation="gelu", kernel_initializer=_kernel_init(), name=f"{prefix}_pwconv1"
     )(x)  # "gelu" is Keras's exact (erf) GELU, as the paper uses
-    x = keras.layers.Dense(dim, kernel_initializer=_kernel_init(), name=f"{prefix}_pwconv2")(x)
+    x = PointwiseDense(dim, kernel_initializer=_kernel_init(), name=f"{prefix}_pwconv2")(x)
     if layer_scale_init_value:
         x = LayerScale(layer_scale_init_value, name=f"{prefix}_gamma")(x)
     if drop_path > 0:

@@ -4,9 +4,10 @@ import keras
 import numpy as np
 import pytest
 from scipy.signal import correlate
+from scipy.special import erf
 
 from keras_convnext import backend_ops
-from keras_convnext.layers import DepthwiseConv
+from keras_convnext.layers import DepthwiseConv, PointwiseDense
 
 
 def reference(x, kernel, bias):
@@ -54,14 +55,15 @@ def test_layer_has_depthwise_conv2d_variables_and_config():
         DepthwiseConv(4)
 
 
-def _gradients(formulation, x, kernel, bias, upstream):
-    """d(sum(upstream * conv(x))) / d(x, kernel, bias), on the current backend."""
+def _gradients(formulation, x, kernel, bias, upstream, op=None):
+    """d(sum(upstream * op(x))) / d(x, kernel, bias), on the current backend (op: the depthwise conv)."""
+    op = op or backend_ops.depthwise_conv_same
     backend = keras.backend.backend()
     if backend == "jax":
         import jax
 
         def loss(x, kernel, bias):
-            return (backend_ops.depthwise_conv_same(x, kernel, bias, formulation) * upstream).sum()
+            return (op(x, kernel, bias, formulation) * upstream).sum()
 
         return [np.asarray(g) for g in jax.grad(loss, argnums=(0, 1, 2))(x, kernel, bias)]
     if backend == "tensorflow":
@@ -69,12 +71,12 @@ def _gradients(formulation, x, kernel, bias, upstream):
 
         tensors = [tf.Variable(v) for v in (x, kernel, bias)]
         with tf.GradientTape() as tape:
-            loss = tf.reduce_sum(backend_ops.depthwise_conv_same(*tensors, formulation) * upstream)
+            loss = tf.reduce_sum(op(*tensors, formulation) * upstream)
         return [g.numpy() for g in tape.gradient(loss, tensors)]
     import torch
 
     tensors = [torch.tensor(v, requires_grad=True) for v in (x, kernel, bias)]
-    (backend_ops.depthwise_conv_same(*tensors, formulation) * torch.tensor(upstream)).sum().backward()
+    (op(*tensors, formulation) * torch.tensor(upstream)).sum().backward()
     return [t.grad.numpy() for t in tensors]
 
 
@@ -89,3 +91,99 @@ def test_every_formulation_has_the_same_gradients(formulation):
     got = _gradients(formulation, x, kernel, bias, upstream)
     for name, e, g in zip(("x", "kernel", "bias"), expected, got):
         np.testing.assert_allclose(g, e, atol=1e-3, rtol=1e-4, err_msg=name)
+
+
+def dense_reference(x, kernel, bias, gelu):
+    y = x.astype("float64") @ kernel + bias
+    return 0.5 * y * (1 + erf(y / np.sqrt(2))) if gelu else y
+
+
+def _dense_inputs(seed=0, shape=(2, 5, 7, 6), units=24):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal(shape).astype("float32"),
+            (rng.standard_normal((shape[-1], units)) * 0.5).astype("float32"),
+            rng.standard_normal(units).astype("float32"))
+
+
+def test_dense_formulations_per_backend():
+    assert backend_ops.DENSE_DEFAULT == {"torch": "torch", "tensorflow": "tensorflow", "jax": "keras"}
+    assert backend_ops.dense_formulations_for("torch") == ["torch", "keras"]
+    assert backend_ops.dense_formulations_for("tensorflow") == ["tensorflow", "keras"]
+    assert backend_ops.dense_formulations_for("jax") == ["keras"]
+
+
+@pytest.mark.parametrize("formulation", backend_ops.dense_formulations_for())
+@pytest.mark.parametrize("gelu", [True, False])
+def test_every_dense_formulation_matches_the_reference(formulation, gelu):
+    x, kernel, bias = _dense_inputs()
+    expected = dense_reference(x, kernel, bias, gelu)
+
+    def run():
+        out = backend_ops.dense(*(keras.ops.convert_to_tensor(v) for v in (x, kernel, bias)), gelu=gelu,
+                                formulation=formulation)
+        assert tuple(out.shape) == (2, 5, 7, 24)
+        return keras.ops.convert_to_numpy(out)
+
+    np.testing.assert_allclose(run(), expected, atol=1e-4, rtol=1e-5)
+    if keras.backend.backend() == "torch":
+        import torch
+
+        # Under no_grad (Keras's predict) the torch formulation takes oneDNN's fused linear+GELU.
+        with torch.no_grad():
+            assert backend_ops._fused_linear_gelu_ok(torch.zeros(2, 3), torch.zeros(3, 4)) == (
+                torch.backends.mkldnn.is_available())
+            np.testing.assert_allclose(run(), expected, atol=1e-4, rtol=1e-5)
+        assert not backend_ops._fused_linear_gelu_ok(torch.zeros(2, 3), torch.zeros(3, 4, requires_grad=True))
+
+
+@pytest.mark.parametrize("formulation", backend_ops.dense_formulations_for())
+def test_dense_formulation_in_bfloat16_stays_within_bfloat16_rounding(formulation):
+    x, kernel, bias = _dense_inputs(1)
+    expected = dense_reference(x, kernel, bias, True)
+    cast = [keras.ops.cast(keras.ops.convert_to_tensor(v), "bfloat16") for v in (x, kernel, bias)]
+    out = backend_ops.dense(*cast, gelu=True, formulation=formulation)
+    assert keras.backend.standardize_dtype(out.dtype) == "bfloat16"
+    out = keras.ops.convert_to_numpy(keras.ops.cast(out, "float32"))
+    # Inputs rounded to bfloat16 (8 bits of mantissa), the sum over 6 products, the output rounded.
+    np.testing.assert_allclose(out, expected, atol=0.05, rtol=0.02)
+
+
+@pytest.mark.parametrize("formulation", backend_ops.dense_formulations_for())
+@pytest.mark.parametrize("gelu", [True, False])
+def test_every_dense_formulation_has_the_same_gradients(formulation, gelu):
+    x, kernel, bias = _dense_inputs(2)
+    upstream = np.random.default_rng(5).standard_normal((2, 5, 7, 24)).astype("float32")
+
+    def op(x, kernel, bias, formulation):
+        return backend_ops.dense(x, kernel, bias, gelu=gelu, formulation=formulation)
+
+    expected = _gradients("keras", x, kernel, bias, upstream, op)
+    got = _gradients(formulation, x, kernel, bias, upstream, op)
+    for name, e, g in zip(("x", "kernel", "bias"), expected, got):
+        np.testing.assert_allclose(g, e, atol=1e-4, rtol=1e-4, err_msg=name)
+
+
+def test_pointwise_dense_is_dense_with_the_same_numbers_and_config():
+    x, kernel, bias = _dense_inputs(3)
+    for activation in ("gelu", None, "relu"):  # relu: not fused, Dense's own call
+        layer = PointwiseDense(24, activation=activation, name="pw")
+        stock = keras.layers.Dense(24, activation=activation)
+        layer.build(x.shape)
+        stock.build(x.shape)
+        layer.set_weights([kernel, bias])
+        stock.set_weights([kernel, bias])
+        assert [v.path for v in layer.weights] == ["pw/kernel", "pw/bias"]
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(layer(x)), keras.ops.convert_to_numpy(stock(x)),
+                                   atol=1e-5, err_msg=str(activation))
+        config = layer.get_config()
+        assert PointwiseDense.from_config(config).get_config() == config
+    # LoRA goes through Dense's call: the same output as a stock Dense with the same LoRA weights.
+    layer, stock = PointwiseDense(24, activation="gelu"), keras.layers.Dense(24, activation="gelu")
+    for dense in (layer, stock):
+        dense.build(x.shape)
+        dense.set_weights([kernel, bias])
+        dense.enable_lora(2)
+        dense.lora_kernel_a.assign(np.full((6, 2), 0.2, "float32"))
+        dense.lora_kernel_b.assign(np.full((2, 24), 0.3, "float32"))
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(layer(x)), keras.ops.convert_to_numpy(stock(x)), atol=1e-5)
+    assert np.abs(keras.ops.convert_to_numpy(layer(x)) - dense_reference(x, kernel, bias, True)).max() > 0.01
