@@ -180,3 +180,22 @@ class PointwiseDense(keras.layers.Dense):
                 or not (gelu or self.activation is keras.activations.linear)):
             return super().call(inputs, training=training)
         return backend_ops.dense(inputs, self.kernel, self.bias, gelu=gelu)
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class LayerNorm(keras.layers.LayerNormalization):
+    """`keras.layers.LayerNormalization` over the channels, in each backend's fastest form.
+
+    The same variables, config and numbers; with the default last axis, centring and scaling,
+    the call goes through `backend_ops.layer_norm` (rematerialised under JAX's autodiff, mixed
+    bfloat16/float32 in one PyTorch kernel). Any other configuration is the parent's own call.
+    """
+
+    def call(self, inputs):
+        from keras_convnext import backend_ops
+
+        if self.axis not in (-1, [-1], len(inputs.shape) - 1, [len(inputs.shape) - 1]) or not (
+                self.center and self.scale) or self.rms_scaling:
+            return super().call(inputs)
+        out = backend_ops.layer_norm(inputs, self.gamma, self.beta, self.epsilon)
+        return keras.ops.cast(out, self.compute_dtype)

@@ -155,7 +155,7 @@ def keras_apps_to_keras(tensors, path):
 # Each Keras layer type's variables, in `layer.weights` order, by their PyTorch parameter names.
 _PARAM_ORDER = {
     "Conv2D": ("weight", "bias"), "DepthwiseConv": ("weight", "bias"), "Dense": ("weight", "bias"), "PointwiseDense": ("weight", "bias"),
-    "LayerNormalization": ("weight", "bias"), "LayerScale": ("gamma",),
+    "LayerNormalization": ("weight", "bias"), "LayerNorm": ("weight", "bias"), "LayerScale": ("gamma",),
 }
 
 

@@ -7,7 +7,7 @@ from scipy.signal import correlate
 from scipy.special import erf
 
 from keras_convnext import backend_ops
-from keras_convnext.layers import DepthwiseConv, PointwiseDense
+from keras_convnext.layers import DepthwiseConv, LayerNorm, PointwiseDense
 
 
 def reference(x, kernel, bias):
@@ -106,10 +106,13 @@ def _dense_inputs(seed=0, shape=(2, 5, 7, 6), units=24):
 
 
 def test_dense_formulations_per_backend():
-    assert backend_ops.DENSE_DEFAULT == {"torch": "torch", "tensorflow": "tensorflow", "jax": "keras"}
+    assert backend_ops.DENSE_DEFAULT == {"torch": "torch", "tensorflow": "tensorflow", "jax": "jax"}
     assert backend_ops.dense_formulations_for("torch") == ["torch", "keras"]
     assert backend_ops.dense_formulations_for("tensorflow") == ["tensorflow", "keras"]
-    assert backend_ops.dense_formulations_for("jax") == ["keras"]
+    assert backend_ops.dense_formulations_for("jax") == ["jax", "keras"]
+    assert backend_ops.layer_norm_formulations_for("torch") == ["torch", "keras"]
+    assert backend_ops.layer_norm_formulations_for("tensorflow") == ["keras"]
+    assert backend_ops.layer_norm_formulations_for("jax") == ["jax", "keras"]
 
 
 @pytest.mark.parametrize("formulation", backend_ops.dense_formulations_for())
@@ -187,3 +190,62 @@ def test_pointwise_dense_is_dense_with_the_same_numbers_and_config():
         dense.lora_kernel_b.assign(np.full((2, 24), 0.3, "float32"))
     np.testing.assert_allclose(keras.ops.convert_to_numpy(layer(x)), keras.ops.convert_to_numpy(stock(x)), atol=1e-5)
     assert np.abs(keras.ops.convert_to_numpy(layer(x)) - dense_reference(x, kernel, bias, True)).max() > 0.01
+
+
+def layer_norm_reference(x, gamma, beta, epsilon):
+    x = x.astype("float64")
+    mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + epsilon) * gamma + beta
+
+
+def _norm_inputs(seed=0, shape=(2, 5, 7, 16)):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal(shape).astype("float32") * 3 + 1, rng.standard_normal(shape[-1]).astype("float32"),
+            rng.standard_normal(shape[-1]).astype("float32"))
+
+
+@pytest.mark.parametrize("formulation", backend_ops.layer_norm_formulations_for())
+def test_every_layer_norm_formulation_matches_the_reference(formulation):
+    x, gamma, beta = _norm_inputs()
+    out = backend_ops.layer_norm(*(keras.ops.convert_to_tensor(v) for v in (x, gamma, beta)), 1e-6, formulation)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(out), layer_norm_reference(x, gamma, beta, 1e-6),
+                               atol=1e-5, rtol=1e-5)
+    # A bfloat16 map with float32 gamma and beta (mixed precision): statistics in float32, the
+    # result in bfloat16 within its rounding (8 bits of mantissa on values up to ~5).
+    bf16 = keras.ops.cast(keras.ops.convert_to_tensor(x), "bfloat16")
+    out = backend_ops.layer_norm(bf16, keras.ops.convert_to_tensor(gamma), keras.ops.convert_to_tensor(beta),
+                                 1e-6, formulation)
+    assert keras.backend.standardize_dtype(out.dtype) == "bfloat16"
+    expected = layer_norm_reference(keras.ops.convert_to_numpy(keras.ops.cast(bf16, "float32")), gamma, beta, 1e-6)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(keras.ops.cast(out, "float32")), expected, atol=0.04)
+
+
+@pytest.mark.parametrize("formulation", backend_ops.layer_norm_formulations_for())
+def test_every_layer_norm_formulation_has_the_same_gradients(formulation):
+    x, gamma, beta = _norm_inputs(1)
+    upstream = np.random.default_rng(6).standard_normal(x.shape).astype("float32")
+
+    def op(x, gamma, beta, formulation):
+        return backend_ops.layer_norm(x, gamma, beta, 1e-6, formulation)
+
+    expected = _gradients("keras", x, gamma, beta, upstream, op)
+    got = _gradients(formulation, x, gamma, beta, upstream, op)
+    for name, e, g in zip(("x", "gamma", "beta"), expected, got):
+        np.testing.assert_allclose(g, e, atol=1e-4, rtol=1e-4, err_msg=name)
+
+
+def test_layer_norm_is_layer_normalization_with_the_same_numbers_and_config():
+    x, gamma, beta = _norm_inputs(2)
+    for kwargs in ({}, {"axis": (2, 3)}, {"center": False}):  # the last two: the parent's own call
+        layer = LayerNorm(epsilon=1e-6, name="ln", **kwargs)
+        stock = keras.layers.LayerNormalization(epsilon=1e-6, **kwargs)
+        layer.build(x.shape)
+        stock.build(x.shape)
+        weights = [np.broadcast_to(w, v.shape) for w, v in zip((gamma, beta), stock.weights)]
+        layer.set_weights(weights)
+        stock.set_weights(weights)
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(layer(x)), keras.ops.convert_to_numpy(stock(x)),
+                                   atol=1e-5, err_msg=str(kwargs))
+        config = layer.get_config()
+        assert LayerNorm.from_config(config).get_config() == config
+    assert isinstance(layer, keras.layers.LayerNormalization)
