@@ -12,6 +12,8 @@ import subprocess
 import sys
 import time
 
+import keras
+
 KERAS_IMPLS = ("keras_convnext", "keras_applications")
 TIMM_IMPLS = ("timm", "timm_compile")
 BACKENDS = ("tensorflow", "jax", "torch")
@@ -50,8 +52,26 @@ def _peak_bytes():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+class _BatchClock(keras.callbacks.Callback):
+    """Records the end of the last warm-up batch and of the last batch of a predict/fit call."""
+
+    def __init__(self, warmup):
+        super().__init__()
+        self.warmup, self.start, self.stop = warmup, None, None
+
+    def _tick(self, batch):
+        if batch == self.warmup - 1:
+            self.start = time.perf_counter()
+        self.stop = time.perf_counter()
+
+    def on_predict_batch_end(self, batch, logs=None):
+        self._tick(batch)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._tick(batch)
+
+
 def _time_keras(spec):
-    import keras
     import numpy as np
 
     if spec.precision != "float32":
@@ -68,18 +88,19 @@ def _time_keras(spec):
         model = getattr(keras.applications, name)(weights=None, input_shape=shape)
     rng = np.random.default_rng(0)
     n = spec.batch_size
-    x = rng.integers(0, 256, (n * spec.steps,) + shape).astype("float32")
-    y = rng.integers(0, 1000, (n * spec.steps,))
+    total = spec.warmup + spec.steps
+    x = rng.integers(0, 256, (n * total,) + shape).astype("float32")
+    y = rng.integers(0, 1000, (n * total,))
+    # One predict/fit call as a user makes it, timed from the end of the last warm-up batch to the
+    # end of the last batch: steady-state throughput, as timm's loop is timed. (The call's set-up
+    # and tear-down, e.g. the tf.data iterator, cost 0-2 s at random on TensorFlow here.)
+    clock = _BatchClock(spec.warmup)
     if spec.mode == "inference":
-        model.predict(x[: n * spec.warmup], batch_size=n, verbose=0)
-        start = time.perf_counter()
-        model.predict(x, batch_size=n, verbose=0)
+        model.predict(x, batch_size=n, verbose=0, callbacks=[clock])
     else:
         model.compile(optimizer=keras.optimizers.AdamW(1e-4), loss="sparse_categorical_crossentropy")
-        model.fit(x[: n * spec.warmup], y[: n * spec.warmup], batch_size=n, epochs=1, verbose=0)
-        start = time.perf_counter()
-        model.fit(x, y, batch_size=n, epochs=1, verbose=0)
-    return time.perf_counter() - start
+        model.fit(x, y, batch_size=n, epochs=1, verbose=0, callbacks=[clock])
+    return clock.stop - clock.start
 
 
 def _time_timm(spec):
@@ -123,9 +144,7 @@ def _time_timm(spec):
 def _worker(spec):
     """Runs one measurement in this process; returns its result dict."""
     if spec.impl in TIMM_IMPLS:
-        import torch  # noqa: F401  (imports before the baseline)
-    else:
-        import keras  # noqa: F401
+        import torch  # noqa: F401  (imports before the baseline, as keras and its backend are)
     baseline = _rss_bytes()
     seconds = (_time_timm if spec.impl in TIMM_IMPLS else _time_keras)(spec)
     images = spec.batch_size * spec.steps
@@ -152,9 +171,10 @@ def measure(spec, timeout=1800):
 def plan(variant="tiny", image_size=224, batch_size=16, precisions=("float32",), modes=MODES,
          backends=None, peers=True, steps=6, warmup=2):
     """The list of `Spec`s one benchmark run measures."""
-    import keras
-
     backends = backends or [keras.backend.backend()]
+    if warmup < 1 or steps < 1:
+        raise ValueError("A benchmark needs at least one warm-up batch (compilation) and one timed batch. "
+                         f"Received: steps={steps}, warmup={warmup}")
     for name, values, valid in (("backends", backends, BACKENDS), ("precisions", precisions, PRECISIONS),
                                 ("modes", modes, MODES)):
         bad = [v for v in values if v not in valid]
@@ -175,8 +195,6 @@ def plan(variant="tiny", image_size=224, batch_size=16, precisions=("float32",),
 
 def run(specs, progress=True):
     """Measures every spec in its own process, with a progress bar; returns the results."""
-    import keras
-
     bar = keras.utils.Progbar(len(specs), unit_name="run") if progress else None
     results = []
     for i, spec in enumerate(specs):

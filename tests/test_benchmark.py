@@ -65,3 +65,28 @@ def test_cli_writes_json(tmp_path):
           "--warmup", "1", "--mode", "inference", "--no-peers", "--json", str(out)])
     data = json.loads(out.read_text())
     assert len(data) == 1 and data[0]["impl"] == "keras_convnext" and data[0]["images_per_second"] > 0
+
+
+def test_plan_needs_a_warmup_and_a_timed_batch():
+    with pytest.raises(ValueError, match=r"at least one warm-up batch.*Received: steps=3, warmup=0"):
+        benchmark.plan(warmup=0, steps=3)
+    with pytest.raises(ValueError, match=r"Received: steps=0, warmup=1"):
+        benchmark.plan(warmup=1, steps=0)
+
+
+def test_batch_clock_times_only_the_batches_after_the_warmup():
+    import time
+
+    clock = benchmark._BatchClock(warmup=2)
+    for batch in range(5):
+        time.sleep(0.02 if batch < 2 else 0.0)
+        clock.on_predict_batch_end(batch)
+        if batch == 1:
+            start = time.perf_counter()
+    # Batches 2-4 took no sleep: the two warm-up sleeps (40 ms) are outside the timed span.
+    assert clock.start <= start and clock.stop - clock.start < 0.02
+    clock = benchmark._BatchClock(warmup=1)
+    clock.on_train_batch_end(0)
+    time.sleep(0.03)
+    clock.on_train_batch_end(1)
+    assert clock.stop - clock.start >= 0.03
