@@ -87,10 +87,15 @@ def test_every_formulation_has_the_same_gradients(formulation):
     kernel = rng.standard_normal((7, 7, 4, 1)).astype("float32")
     bias = rng.standard_normal(4).astype("float32")
     upstream = rng.standard_normal((2, 9, 11, 4)).astype("float32")
-    expected = _gradients("keras", x, kernel, bias, upstream)
-    got = _gradients(formulation, x, kernel, bias, upstream)
-    for name, e, g in zip(("x", "kernel", "bias"), expected, got):
-        np.testing.assert_allclose(g, e, atol=1e-3, rtol=1e-4, err_msg=name)
+    _assert_same_gradients_as_keras(formulation, (x, kernel, bias), upstream, backend_ops.depthwise_conv_same,
+                                    ("x", "kernel", "bias"), atol=1e-3)
+
+
+def _assert_same_gradients_as_keras(formulation, inputs, upstream, op, names, atol=1e-4):
+    expected = _gradients("keras", *inputs, upstream, op)
+    got = _gradients(formulation, *inputs, upstream, op)
+    for name, e, g in zip(names, expected, got):
+        np.testing.assert_allclose(g, e, atol=atol, rtol=1e-4, err_msg=name)
 
 
 def dense_reference(x, kernel, bias, gelu):
@@ -160,10 +165,7 @@ def test_every_dense_formulation_has_the_same_gradients(formulation, gelu):
     def op(x, kernel, bias, formulation):
         return backend_ops.dense(x, kernel, bias, gelu=gelu, formulation=formulation)
 
-    expected = _gradients("keras", x, kernel, bias, upstream, op)
-    got = _gradients(formulation, x, kernel, bias, upstream, op)
-    for name, e, g in zip(("x", "kernel", "bias"), expected, got):
-        np.testing.assert_allclose(g, e, atol=1e-4, rtol=1e-4, err_msg=name)
+    _assert_same_gradients_as_keras(formulation, (x, kernel, bias), upstream, op, ("x", "kernel", "bias"))
 
 
 def test_pointwise_dense_is_dense_with_the_same_numbers_and_config():
@@ -228,10 +230,7 @@ def test_every_layer_norm_formulation_has_the_same_gradients(formulation):
     def op(x, gamma, beta, formulation):
         return backend_ops.layer_norm(x, gamma, beta, 1e-6, formulation)
 
-    expected = _gradients("keras", x, gamma, beta, upstream, op)
-    got = _gradients(formulation, x, gamma, beta, upstream, op)
-    for name, e, g in zip(("x", "gamma", "beta"), expected, got):
-        np.testing.assert_allclose(g, e, atol=1e-4, rtol=1e-4, err_msg=name)
+    _assert_same_gradients_as_keras(formulation, (x, gamma, beta), upstream, op, ("x", "gamma", "beta"))
 
 
 def test_layer_norm_is_layer_normalization_with_the_same_numbers_and_config():
