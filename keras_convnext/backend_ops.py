@@ -159,10 +159,10 @@ def dense_jax(x, kernel, bias, gelu):
     return jax.checkpoint(_exact_gelu)(y) if gelu else y
 
 
-def _fused_linear_gelu_ok(x, kernel):
+def _onednn_linear_ok(x, kernel):
     import torch
 
-    # oneDNN's fused linear+GELU has no autograd formula and is not traceable by torch.export or
+    # oneDNN's linear (with or without a GELU post-op) has no autograd formula and is not traceable by torch.export or
     # ONNX export: inference in eager mode only (Keras's predict runs under no_grad).
     return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
             and not (torch.is_grad_enabled() and (x.requires_grad or kernel.requires_grad))
@@ -172,9 +172,10 @@ def _fused_linear_gelu_ok(x, kernel):
 
 def dense_torch(x, kernel, bias, gelu):
     # Keras's Dense is matmul, then a separate bias add, then GELU: three passes over a 4C-wide
-    # map. addmm folds the bias into the GEMM, and at inference oneDNN's linear with a GELU
-    # post-op (what torch.compile's CPU backend emits; torch eager has no public call) folds the
-    # GELU in too: 2x faster on the stage-0 pwconv1 (README, Performance).
+    # map. For training, addmm folds the bias into the GEMM (by first copying it into every row of
+    # the output). At inference oneDNN's linear (what torch.compile's CPU backend emits; torch eager
+    # has no public call) adds the bias, and the GELU as a post-op, inside the GEMM: 2x faster on
+    # the stage-0 pwconv1 (README, Performance).
     import torch
     import torch.nn.functional as F
     from keras import ops
@@ -182,8 +183,8 @@ def dense_torch(x, kernel, bias, gelu):
     kernel, bias = ops.convert_to_tensor(kernel), ops.convert_to_tensor(bias)
     kernel, bias = kernel.to(x.dtype), bias.to(x.dtype)
     flat = x.reshape(-1, x.shape[-1])
-    if gelu and _fused_linear_gelu_ok(flat, kernel):
-        y = torch.ops.mkldnn._linear_pointwise(flat, kernel.t(), bias, "gelu", [], "none")
+    if _onednn_linear_ok(flat, kernel):
+        y = torch.ops.mkldnn._linear_pointwise(flat, kernel.t(), bias, "gelu" if gelu else "none", [], "none")
     else:
         y = torch.addmm(bias, flat, kernel)
         if gelu:

@@ -136,12 +136,12 @@ def test_every_dense_formulation_matches_the_reference(formulation, gelu):
     if keras.backend.backend() == "torch":
         import torch
 
-        # Under no_grad (Keras's predict) the torch formulation takes oneDNN's fused linear+GELU.
+        # Under no_grad (Keras's predict) the torch formulation takes oneDNN's linear (+GELU).
         with torch.no_grad():
-            assert backend_ops._fused_linear_gelu_ok(torch.zeros(2, 3), torch.zeros(3, 4)) == (
+            assert backend_ops._onednn_linear_ok(torch.zeros(2, 3), torch.zeros(3, 4)) == (
                 torch.backends.mkldnn.is_available())
             np.testing.assert_allclose(run(), expected, atol=1e-4, rtol=1e-5)
-        assert not backend_ops._fused_linear_gelu_ok(torch.zeros(2, 3), torch.zeros(3, 4, requires_grad=True))
+        assert not backend_ops._onednn_linear_ok(torch.zeros(2, 3), torch.zeros(3, 4, requires_grad=True))
 
 
 @pytest.mark.parametrize("formulation", backend_ops.dense_formulations_for())
