@@ -226,18 +226,24 @@ def dense_tensorflow(x, kernel, bias, gelu):
     return tf.reshape(y, tf.concat([shape[:-1], [kernel.shape[-1]]], axis=0))
 
 
+# Dense and LayerNorm forms are named after the backend they are written for, or "keras" (any
+# backend); a backend's own form, where it has one, is its default.
 DENSE_FORMULATIONS = {"torch": dense_torch, "tensorflow": dense_tensorflow, "jax": dense_jax, "keras": dense_keras}
-DENSE_DEFAULT = {"torch": "torch", "tensorflow": "tensorflow", "jax": "jax"}
+
+
+def own_or_keras(formulations, backend=BACKEND):
+    """The formulations of `formulations` that run on `backend`, its default first."""
+    return [name for name in formulations if name == backend] + ["keras"]
 
 
 def dense_formulations_for(backend=BACKEND):
     """The Dense formulations that run on `backend`."""
-    return [name for name in DENSE_FORMULATIONS if name in ("keras", backend)]
+    return own_or_keras(DENSE_FORMULATIONS, backend)
 
 
 def dense(x, kernel, bias, gelu=False, formulation=None):
     """x @ kernel + bias over the last axis, then exact (erf) GELU if `gelu`."""
-    return DENSE_FORMULATIONS[formulation or DENSE_DEFAULT.get(BACKEND, "keras")](x, kernel, bias, gelu)
+    return DENSE_FORMULATIONS[formulation or own_or_keras(DENSE_FORMULATIONS)[0]](x, kernel, bias, gelu)
 
 
 # LayerNorm over the channels (last axis).
@@ -276,10 +282,10 @@ LAYER_NORM_FORMULATIONS = {"torch": layer_norm_torch, "jax": layer_norm_jax, "ke
 
 def layer_norm_formulations_for(backend=BACKEND):
     """The LayerNorm formulations that run on `backend`."""
-    return [name for name in LAYER_NORM_FORMULATIONS if name in ("keras", backend)]
+    return own_or_keras(LAYER_NORM_FORMULATIONS, backend)
 
 
 def layer_norm(x, gamma, beta, epsilon, formulation=None):
     """LayerNorm over the last axis, computed in at least float32, returned in x's dtype."""
-    name = formulation or (BACKEND if BACKEND in LAYER_NORM_FORMULATIONS else "keras")
+    name = formulation or own_or_keras(LAYER_NORM_FORMULATIONS)[0]
     return LAYER_NORM_FORMULATIONS[name](x, gamma, beta, epsilon)

@@ -152,11 +152,16 @@ def keras_apps_to_keras(tensors, path):
     return layers
 
 
-# Each Keras layer type's variables, in `layer.weights` order, by their PyTorch parameter names.
+# Each Keras layer type's variables, in `layer.weights` order, by their PyTorch parameter names
+# (subclasses, e.g. PointwiseDense and LayerNorm, have their parent's).
 _PARAM_ORDER = {
-    "Conv2D": ("weight", "bias"), "DepthwiseConv": ("weight", "bias"), "Dense": ("weight", "bias"), "PointwiseDense": ("weight", "bias"),
-    "LayerNormalization": ("weight", "bias"), "LayerNorm": ("weight", "bias"), "LayerScale": ("gamma",),
+    "Conv2D": ("weight", "bias"), "DepthwiseConv": ("weight", "bias"), "Dense": ("weight", "bias"),
+    "LayerNormalization": ("weight", "bias"), "LayerScale": ("gamma",),
 }
+
+
+def _param_order(layer):
+    return next((_PARAM_ORDER[c.__name__] for c in type(layer).__mro__ if c.__name__ in _PARAM_ORDER), None)
 
 
 def read_weights(path):
@@ -202,7 +207,7 @@ def _keras_state(model):
     """{layer: {param: variable}} of a model built here, by PyTorch parameter names."""
     out = {}
     for layer in model.layers:
-        order = _PARAM_ORDER.get(type(layer).__name__)
+        order = _param_order(layer)
         if order and layer.weights:
             out[layer.name] = dict(zip(order, layer.weights))
     return out

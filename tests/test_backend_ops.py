@@ -111,13 +111,23 @@ def _dense_inputs(seed=0, shape=(2, 5, 7, 6), units=24):
 
 
 def test_dense_formulations_per_backend():
-    assert backend_ops.DENSE_DEFAULT == {"torch": "torch", "tensorflow": "tensorflow", "jax": "jax"}
+    # The first is the backend's default.
     assert backend_ops.dense_formulations_for("torch") == ["torch", "keras"]
     assert backend_ops.dense_formulations_for("tensorflow") == ["tensorflow", "keras"]
     assert backend_ops.dense_formulations_for("jax") == ["jax", "keras"]
     assert backend_ops.layer_norm_formulations_for("torch") == ["torch", "keras"]
     assert backend_ops.layer_norm_formulations_for("tensorflow") == ["keras"]
     assert backend_ops.layer_norm_formulations_for("jax") == ["jax", "keras"]
+
+
+def test_the_backends_own_form_is_the_default(monkeypatch):
+    backend = keras.backend.backend()
+    expected = {"torch": "torch", "tensorflow": "tensorflow", "jax": "jax"}[backend]
+    monkeypatch.setitem(backend_ops.DENSE_FORMULATIONS, expected, lambda *args: "dense default")
+    assert backend_ops.dense(None, None, None) == "dense default"
+    expected = backend if backend in ("torch", "jax") else "keras"
+    monkeypatch.setitem(backend_ops.LAYER_NORM_FORMULATIONS, expected, lambda *args: "norm default")
+    assert backend_ops.layer_norm(None, None, None, 1e-6) == "norm default"
 
 
 @pytest.mark.parametrize("formulation", backend_ops.dense_formulations_for())
