@@ -99,7 +99,10 @@ def depthwise_conv_same_shifted_jax(x, kernel, bias):
     if not _SHIFTED_JAX:
         _SHIFTED_JAX.append(_make_shifted_jax())
     kernel, bias = ops.convert_to_tensor(kernel), ops.convert_to_tensor(bias)
-    return _SHIFTED_JAX[0](x, kernel.astype(x.dtype)) + bias.astype(x.dtype)
+    # XLA:CPU computes each bfloat16 multiply-add by converting to float32 and back: the 49 taps
+    # run 3.4x faster on one float32 copy of the map (45.7 -> 13.4 ms, stage 0, batch 16).
+    y = _SHIFTED_JAX[0](x.astype("float32"), kernel.astype("float32")) + bias.astype("float32")
+    return y.astype(x.dtype)
 
 
 def depthwise_conv_same_keras(x, kernel, bias):
@@ -147,15 +150,55 @@ def _exact_gelu(y):
     return jax.nn.gelu(y, approximate=False)
 
 
+def _make_mixed_dot_jax():
+    import jax
+    import jax.numpy as jnp
+
+    # x (bfloat16/float16) @ kernel (float32) with a float32 product: XLA:CPU runs a bfloat16
+    # GEMM with a float32 result on the CPU's matrix units (AMX here), 3-4x faster than both its
+    # bfloat16-out GEMM and its float32 GEMM. Autodiff would transpose it into GEMMs of a float32
+    # cotangent (the slow float32 path); the gradient here casts the cotangent down first, so
+    # all three GEMMs of a step take the fast path, and the kernel's gradient stays float32.
+    def matmul(a, b):
+        return jax.lax.dot_general(a, b, (((a.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+    @jax.custom_vjp
+    def dot(x, kernel):
+        return matmul(x, kernel.astype(x.dtype))
+
+    def forward(x, kernel):
+        return dot(x, kernel), (x, kernel)
+
+    def backward(saved, g):
+        x, kernel = saved
+        g = g.astype(x.dtype)
+        dx = matmul(g, kernel.astype(x.dtype).T).astype(x.dtype)
+        flat_x, flat_g = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+        dkernel = matmul(flat_x.T, flat_g).astype(kernel.dtype)
+        return dx, dkernel
+
+    dot.defvjp(forward, backward)
+    return dot
+
+
+_MIXED_DOT_JAX = []
+
+
 def dense_jax(x, kernel, bias, gelu):
     # Autodiff of the erf GELU keeps its input *and* erf's output, two 4C-wide maps per block;
     # rematerialised (jax.checkpoint) it keeps only its input and recomputes erf in the backward
     # pass: ConvNeXt-T's gradient at batch 16 needs 3.4 -> 2.4 GB of XLA temporaries.
     import jax
+    import jax.numpy as jnp
     from keras import ops
 
     kernel, bias = ops.convert_to_tensor(kernel), ops.convert_to_tensor(bias)
-    y = x @ kernel.astype(x.dtype) + bias.astype(x.dtype)
+    if x.dtype == jnp.float32:
+        y = x @ kernel.astype(x.dtype) + bias.astype(x.dtype)
+    else:  # mixed precision: a half-precision GEMM with a float32 product, bias in float32
+        if not _MIXED_DOT_JAX:
+            _MIXED_DOT_JAX.append(_make_mixed_dot_jax())
+        y = (_MIXED_DOT_JAX[0](x, kernel) + bias.astype(jnp.float32)).astype(x.dtype)
     return jax.checkpoint(_exact_gelu)(y) if gelu else y
 
 

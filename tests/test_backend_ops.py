@@ -91,6 +91,39 @@ def test_every_formulation_has_the_same_gradients(formulation):
                                     ("x", "kernel", "bias"), atol=1e-3)
 
 
+def _mixed(op, **kwargs):
+    """op under mixed precision: the map rounded to bfloat16 on the way in (the variables stay
+    float32, as Keras passes them), the bfloat16 result cast back to float32."""
+    def wrapped(x, kernel, bias, formulation):
+        out = op(keras.ops.cast(x, "bfloat16"), kernel, bias, formulation=formulation, **kwargs)
+        assert keras.backend.standardize_dtype(out.dtype) == "bfloat16"
+        return keras.ops.cast(out, "float32")
+
+    return wrapped
+
+
+@pytest.mark.parametrize("formulation", backend_ops.formulations_for())
+def test_every_formulation_in_mixed_precision_stays_within_bfloat16_rounding(formulation):
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((2, 9, 11, 4)).astype("float32")
+    kernel = (rng.standard_normal((7, 7, 4, 1)) * 0.1).astype("float32")
+    bias = rng.standard_normal(4).astype("float32")
+    upstream = rng.standard_normal(x.shape).astype("float32")
+    op = _mixed(backend_ops.depthwise_conv_same)
+    out = keras.ops.convert_to_numpy(op(*(keras.ops.convert_to_tensor(v) for v in (x, kernel, bias)), formulation))
+    # Outputs ~1: bfloat16 keeps 8 bits of mantissa (0.004 relative) in the inputs and result.
+    np.testing.assert_allclose(out, reference(x, kernel, bias), atol=0.04, rtol=0.02)
+    dx, dkernel, dbias = _gradients(formulation, x, kernel, bias, upstream, op)
+    np.testing.assert_allclose(dx, reference(upstream, kernel[::-1, ::-1], np.zeros(4)), atol=0.04, rtol=0.02)
+    # Sums of 198 terms: a formulation that accumulates in bfloat16 ("shifted") is off by ~2 ulps of ~10 (0.06).
+    np.testing.assert_allclose(dbias, upstream.sum((0, 1, 2)), atol=0.15, rtol=0.02)
+    # dkernel[i, j, c] = sum over the map of upstream times x shifted by (i - 3, j - 3).
+    padded = np.pad(x, ((0, 0), (3, 3), (3, 3), (0, 0)))
+    expected = np.stack([np.stack([(padded[:, i:i + 9, j:j + 11] * upstream).sum((0, 1, 2)) for j in range(7)])
+                         for i in range(7)])[..., None]
+    np.testing.assert_allclose(dkernel, expected, atol=0.3, rtol=0.02)  # sums of 198 products ~10
+
+
 def _assert_same_gradients_as_keras(formulation, inputs, upstream, op, names, atol=1e-4):
     expected = _gradients("keras", *inputs, upstream, op)
     got = _gradients(formulation, *inputs, upstream, op)
@@ -176,6 +209,24 @@ def test_every_dense_formulation_has_the_same_gradients(formulation, gelu):
         return backend_ops.dense(x, kernel, bias, gelu=gelu, formulation=formulation)
 
     _assert_same_gradients_as_keras(formulation, (x, kernel, bias), upstream, op, ("x", "kernel", "bias"))
+
+
+@pytest.mark.parametrize("formulation", backend_ops.dense_formulations_for())
+@pytest.mark.parametrize("gelu", [True, False])
+def test_dense_in_mixed_precision_and_its_gradients_stay_within_bfloat16_rounding(formulation, gelu):
+    # The JAX form has its own gradient in mixed precision (every GEMM bfloat16 in, float32 out).
+    x, kernel, bias = _dense_inputs(4)
+    upstream = np.random.default_rng(7).standard_normal((2, 5, 7, 24)).astype("float32")
+    op = _mixed(backend_ops.dense, gelu=gelu)
+    out = keras.ops.convert_to_numpy(op(*(keras.ops.convert_to_tensor(v) for v in (x, kernel, bias)), formulation))
+    np.testing.assert_allclose(out, dense_reference(x, kernel, bias, gelu), atol=0.05, rtol=0.02)
+    y = x.astype("float64") @ kernel + bias
+    dy = upstream * ((0.5 * (1 + erf(y / np.sqrt(2))) + y * np.exp(-y * y / 2) / np.sqrt(2 * np.pi)) if gelu else 1)
+    expected = (dy @ kernel.T, x.reshape(-1, 6).T @ dy.reshape(-1, 24), dy.sum((0, 1, 2)))
+    got = _gradients(formulation, x, kernel, bias, upstream, op)
+    for name, e, g in zip(("x", "kernel", "bias"), expected, got):
+        assert g.dtype == np.float32, name
+        np.testing.assert_allclose(g, e, atol=0.02 * np.abs(e).max(), rtol=0.03, err_msg=name)
 
 
 def test_pointwise_dense_is_dense_with_the_same_numbers_and_config():

@@ -7,7 +7,7 @@ import pytest
 from conftest import TINY
 
 import keras_convnext as kc
-from keras_convnext.layers import StochasticDepth
+from keras_convnext.layers import HostTruncatedNormal, StochasticDepth
 
 BUILDERS = {
     "atto": kc.ConvNeXtAtto, "femto": kc.ConvNeXtFemto, "pico": kc.ConvNeXtPico,
@@ -318,3 +318,36 @@ def test_arguments_are_checked_before_any_download(monkeypatch):
         kc.ConvNeXtTiny(classes=-3)
     with pytest.raises(ValueError, match=r"ConvNeXt-Small weights.*Received: weights='convnext_small.fb_in1k'"):
         kc.ConvNeXtTiny(weights="convnext_small.fb_in1k")
+
+
+def test_host_truncated_normal_draws_kerass_truncated_normal():
+    init = HostTruncatedNormal(mean=0.5, stddev=0.02, seed=7)
+    values = keras.ops.convert_to_numpy(init((300, 400)))
+    assert values.shape == (300, 400) and values.dtype == np.float32
+    assert np.abs(values - 0.5).max() < 0.04  # cut at two standard deviations
+    # A normal cut at +-2 sigma keeps a standard deviation of 0.8796 sigma; Keras's own draw agrees.
+    stock = keras.ops.convert_to_numpy(keras.initializers.TruncatedNormal(mean=0.5, stddev=0.02, seed=7)((300, 400)))
+    for drawn in (values, stock):
+        assert abs(drawn.mean() - 0.5) < 2e-4
+        assert abs(drawn.std() / 0.02 - 0.8796) < 0.01
+    # An integer seed gives the same values at every call and after a config round trip.
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(init((300, 400))), values)
+    again = HostTruncatedNormal.from_config(init.get_config())
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(again((300, 400))), values)
+    assert keras.backend.standardize_dtype(init((3, 4), dtype="bfloat16").dtype) == "bfloat16"
+    # Unseeded: reproducible under keras.utils.set_random_seed, different between instances.
+    draws = []
+    for _ in range(2):
+        keras.utils.set_random_seed(11)
+        draws.append([keras.ops.convert_to_numpy(HostTruncatedNormal()((64,))) for _ in range(2)])
+    np.testing.assert_array_equal(draws[0][0], draws[1][0])
+    assert not np.array_equal(draws[0][0], draws[0][1])
+    # A SeedGenerator seed draws with Keras, within the same bounds.
+    generated = keras.ops.convert_to_numpy(HostTruncatedNormal(stddev=0.1, seed=keras.random.SeedGenerator(3))((500,)))
+    assert generated.shape == (500,) and np.abs(generated).max() < 0.2
+
+
+def test_model_kernels_are_drawn_at_the_official_scale():
+    model = kc.ConvNeXt(**TINY, weights=None)
+    kernel = keras.ops.convert_to_numpy(model.get_layer("stages_3_0_pwconv1").kernel)
+    assert np.abs(kernel).max() < 0.04 and abs(kernel.std() / 0.02 - 0.8796) < 0.05
