@@ -235,6 +235,24 @@ def dense_torch(x, kernel, bias, gelu):
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
+def dense_scale_add_torch(x, kernel, bias, gamma, shortcut):
+    """shortcut + (x @ kernel + bias) * gamma as one oneDNN GEMM at inference; None where it cannot run."""
+    # A block's last three steps (pwconv2, layer scale, residual add) are three passes over the map
+    # in eager PyTorch. The scale folds into the kernel and bias (C x 4C numbers, not the map) and
+    # the add is the GEMM's binary post-op: the stage-0 tail 7.7 -> ~3 ms in bfloat16 (README).
+    import torch
+    from keras import ops
+
+    kernel, bias, gamma = (ops.convert_to_tensor(v) for v in (kernel, bias, gamma))
+    flat = x.reshape(-1, x.shape[-1])
+    if (shortcut.dtype != x.dtype or tuple(shortcut.shape) != (*x.shape[:-1], kernel.shape[-1])
+            or not _onednn_linear_ok(flat, kernel) or not hasattr(torch.ops.mkldnn._linear_pointwise, "binary")):
+        return None
+    w, b = (kernel * gamma).to(x.dtype).t(), (bias * gamma).to(x.dtype)
+    y = torch.ops.mkldnn._linear_pointwise.binary(flat, shortcut.reshape(flat.shape[0], -1), w, b, "add")
+    return y.reshape(shortcut.shape)
+
+
 def _gelu_tensorflow(y):
     import math
 
@@ -287,6 +305,17 @@ def dense_formulations_for(backend=BACKEND):
 def dense(x, kernel, bias, gelu=False, formulation=None):
     """x @ kernel + bias over the last axis, then exact (erf) GELU if `gelu`."""
     return DENSE_FORMULATIONS[formulation or own_or_keras(DENSE_FORMULATIONS)[0]](x, kernel, bias, gelu)
+
+
+# A block's tail fused: only where a backend has a fused form (eager PyTorch inference); under
+# jit (JAX, tf.function) the compiler fuses the elementwise steps itself.
+SCALE_ADD_FORMULATIONS = {"torch": dense_scale_add_torch}
+
+
+def dense_scale_add(x, kernel, bias, gamma, shortcut):
+    """shortcut + (x @ kernel + bias) * gamma in one fused op, or None: compute it step by step."""
+    fused = SCALE_ADD_FORMULATIONS.get(BACKEND)
+    return fused(x, kernel, bias, gamma, shortcut) if fused else None
 
 
 # LayerNorm over the channels (last axis).

@@ -199,14 +199,29 @@ class PointwiseDense(keras.layers.Dense):
     another activation) is Dense's own call.
     """
 
+    def _plain(self):
+        """Bias, no LoRA, no quantization: the kernel and bias are all there is to it."""
+        return self.bias is not None and not self.lora_enabled and self.quantization_mode is None
+
     def call(self, inputs, training=None):
         from keras_convnext import backend_ops
 
         gelu = self.activation is keras.activations.gelu
-        if (self.bias is None or self.lora_enabled or self.quantization_mode is not None
-                or not (gelu or self.activation is keras.activations.linear)):
+        if not self._plain() or not (gelu or self.activation is keras.activations.linear):
             return super().call(inputs, training=training)
         return backend_ops.dense(inputs, self.kernel, self.bias, gelu=gelu)
+
+    def scale_add(self, inputs, gamma, shortcut):
+        """`shortcut + self(inputs) * gamma` as one fused op, or None where the backend has none.
+
+        ConvNeXtModel's forward uses it for a block's pwconv2 -> LayerScale -> Add at inference.
+        """
+        from keras_convnext import backend_ops
+
+        if (not self._plain() or self.activation is not keras.activations.linear
+                or keras.backend.standardize_dtype(inputs.dtype) != self.compute_dtype):
+            return None
+        return backend_ops.dense_scale_add(inputs, self.kernel, self.bias, gamma, shortcut)
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)

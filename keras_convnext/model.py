@@ -72,16 +72,60 @@ class ConvNeXtModel(keras.Model):
                         counts[id(x)] = counts.get(id(x), 0) + 1
         return counts
 
+    def _block_tails(self, keep):
+        """{id(pwconv2 node): (its LayerScale node, the Add node, the shortcut)} for every block
+        ending PointwiseDense -> LayerScale -> Add (without drop path) whose inner tensors are
+        not model outputs: the steps `PointwiseDense.scale_add` can compute in one."""
+        consumers = {}
+        for nodes in self._nodes_by_depth.values():
+            for node in nodes:
+                for x in node.input_tensors:
+                    consumers.setdefault(id(x), []).append(node)
+
+        def only_consumer(node, kind):
+            after = consumers.get(id(node.outputs[0]), [])
+            ok = len(node.outputs) == 1 and len(after) == 1 and isinstance(after[0].operation, kind)
+            return after[0] if ok and id(node.outputs[0]) not in keep else None
+
+        tails = {}
+        for nodes in self._nodes_by_depth.values():
+            for node in nodes:
+                if not isinstance(node.operation, PointwiseDense) or len(node.input_tensors) != 1:
+                    continue
+                scale = only_consumer(node, LayerScale)
+                add = scale and only_consumer(scale, keras.layers.Add)
+                if add and len(add.input_tensors) == 2:
+                    shortcut = next(x for x in add.input_tensors if x is not scale.outputs[0])
+                    tails[id(node)] = (scale, add, shortcut)
+        return tails
+
     def _run_through_graph(self, inputs, operation_fn=lambda op: op, call_fn=None):
         tensors = {id(x): y for x, y in zip(self.inputs, keras.tree.flatten(inputs))}
         keep = {id(x) for x in self.outputs}
         remaining = self._release_counts()
+        # Eager PyTorch inference computes each block's tail in one op (backend_ops.dense_scale_add).
+        tails = self._block_tails(keep) if call_fn is None and keras.backend.backend() == "torch" else {}
+
+        def consumed(tensors_used):
+            for x in tensors_used:
+                remaining[id(x)] -= 1
+                if remaining[id(x)] == 0 and id(x) not in keep:
+                    tensors.pop(id(x), None)
+
         for depth in sorted(self._nodes_by_depth, reverse=True):
             for node in self._nodes_by_depth[depth]:
                 if not node.operation or node.is_input:
                     continue
                 if any(id(x) not in tensors for x in node.input_tensors):
-                    continue
+                    continue  # (also the LayerScale and Add of a fused tail: their inputs never exist)
+                if id(node) in tails:
+                    scale, add, shortcut = tails[id(node)]
+                    out = node.operation.scale_add(tensors[id(node.input_tensors[0])], scale.operation.gamma,
+                                                   tensors[id(shortcut)])
+                    if out is not None:
+                        tensors[id(add.outputs[0])] = out
+                        consumed([node.input_tensors[0], shortcut])
+                        continue
                 args, kwargs = node.arguments.fill_in(tensors)
                 if call_fn is not None:
                     outputs = call_fn(operation_fn(node.operation), *args, **kwargs)
@@ -90,10 +134,7 @@ class ConvNeXtModel(keras.Model):
                 for x, y in zip(node.outputs, keras.tree.flatten(outputs)):
                     tensors[id(x)] = y
                 del args, kwargs, outputs
-                for x in node.input_tensors:
-                    remaining[id(x)] -= 1
-                    if remaining[id(x)] == 0 and id(x) not in keep:
-                        tensors.pop(id(x), None)
+                consumed(node.input_tensors)
         missing = [x for x in self.outputs if id(x) not in tensors]
         if missing:
             raise ValueError(f"Outputs {missing} are not connected to the model's inputs.")

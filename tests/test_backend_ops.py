@@ -229,6 +229,29 @@ def test_dense_in_mixed_precision_and_its_gradients_stay_within_bfloat16_roundin
         np.testing.assert_allclose(g, e, atol=0.02 * np.abs(e).max(), rtol=0.03, err_msg=name)
 
 
+@pytest.mark.parametrize("dtype, atol", [("float32", 1e-4), ("bfloat16", 0.05)])
+def test_dense_scale_add_fuses_only_where_it_can(dtype, atol):
+    x, kernel, bias = _dense_inputs(6, units=24)
+    rng = np.random.default_rng(9)
+    gamma, shortcut = rng.uniform(0.5, 1.5, 24).astype("float32"), rng.standard_normal((2, 5, 7, 24)).astype("float32")
+    expected = shortcut + dense_reference(x, kernel, bias, False) * gamma
+    tensors = [keras.ops.convert_to_tensor(v) for v in (x, kernel, bias, gamma, shortcut)]
+    tensors[0], tensors[4] = keras.ops.cast(tensors[0], dtype), keras.ops.cast(tensors[4], dtype)
+    if keras.backend.backend() != "torch":
+        assert backend_ops.dense_scale_add(*tensors) is None  # the compiler fuses it there
+        return
+    import torch
+
+    with torch.no_grad():
+        out = backend_ops.dense_scale_add(*tensors)
+        assert out.dtype == tensors[0].dtype and tuple(out.shape) == (2, 5, 7, 24)
+        np.testing.assert_allclose(out.float().numpy(), expected, atol=atol * np.abs(expected).max())
+        # A shortcut of another dtype or shape: not fused.
+        assert backend_ops.dense_scale_add(*tensors[:4], tensors[4][..., :12]) is None
+    kernel_with_grad = torch.tensor(kernel, requires_grad=True)
+    assert backend_ops.dense_scale_add(tensors[0], kernel_with_grad, *tensors[2:]) is None
+
+
 def test_pointwise_dense_is_dense_with_the_same_numbers_and_config():
     x, kernel, bias = _dense_inputs(3)
     for activation in ("gelu", None, "relu"):  # relu: not fused, Dense's own call

@@ -351,3 +351,63 @@ def test_model_kernels_are_drawn_at_the_official_scale():
     model = kc.ConvNeXt(**TINY, weights=None)
     kernel = keras.ops.convert_to_numpy(model.get_layer("stages_3_0_pwconv1").kernel)
     assert np.abs(kernel).max() < 0.04 and abs(kernel.std() / 0.02 - 0.8796) < 0.05
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_block_tails_fused_at_inference_give_the_same_numbers(policy, monkeypatch):
+    # Eager PyTorch inference computes pwconv2 -> LayerScale -> Add as one op (backend_ops.dense_scale_add);
+    # every other backend and every gradient-taking call runs the layers one by one.
+    from keras_convnext import backend_ops
+
+    keras.config.set_dtype_policy(policy)
+    model = tiny(drop_path_rate=0.3, include_top=False, pooling="avg", input_shape=(40, 40, 3))
+    rng = np.random.default_rng(4)
+    for layer in model.layers:
+        if isinstance(layer, kc.LayerScale):  # a tail that matters (the init value 1e-6 would hide it)
+            layer.gamma.assign(rng.uniform(0.5, 1.5, layer.gamma.shape))
+    # Blocks with drop path keep their StochasticDepth step: only stage 0's block (rate 0) is fused.
+    assert len(model._block_tails(set())) == 1
+    model = tiny(include_top=False, pooling="avg", input_shape=(40, 40, 3))
+    for layer in model.layers:
+        if isinstance(layer, kc.LayerScale):
+            layer.gamma.assign(rng.uniform(0.5, 1.5, layer.gamma.shape))
+    tails = model._block_tails({id(x) for x in model.outputs})
+    assert len(tails) == sum(TINY["depths"])
+    calls = []
+    original = backend_ops.dense_scale_add
+
+    def counted(*args):
+        out = original(*args)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(backend_ops, "dense_scale_add", counted)
+    x = np.random.default_rng(0).integers(0, 256, (3, 40, 40, 3)).astype("uint8")
+    fused = model.predict(x, verbose=0)
+    fused_calls = list(calls)
+    # Step by step: one block at a time through the layers, as a gradient-taking forward runs.
+    step = keras.Model(model.input, model.output)
+    plain = keras.ops.convert_to_numpy(step(x))
+    tolerance = 1e-5 if policy == "float32" else 0.05
+    np.testing.assert_allclose(fused, plain, atol=tolerance * np.abs(plain).max(), rtol=0)
+    if keras.backend.backend() == "torch":
+        assert fused_calls == [True] * sum(TINY["depths"])
+        import torch
+
+        calls.clear()
+        with torch.enable_grad():
+            model(x)
+        assert not any(calls)  # the kernels need gradients: the fused op has none
+    else:
+        assert fused_calls == []  # the tails are only looked for on PyTorch
+
+
+def test_fused_tails_keep_a_feature_pyramid_exact(images):
+    model = tiny(include_top=False, input_shape=(64, 64, 3))
+    pyramid = kc.feature_pyramid(model, norm=False)
+    step = keras.Model(pyramid.inputs, pyramid.outputs)
+    x = np.random.default_rng(1).integers(0, 256, (2, 64, 64, 3)).astype("uint8")
+    fused, plain = pyramid.predict(x, verbose=0), step.predict(x, verbose=0)  # plain: a list, in key order
+    assert len(plain) == 4
+    for key, level in zip(sorted(fused), plain):
+        np.testing.assert_allclose(fused[key], level, atol=1e-5, err_msg=key)

@@ -116,7 +116,8 @@ def test_other_class_count_keeps_the_backbone_and_starts_a_fresh_head(atto, pixe
         model = kc.ConvNeXtAtto(weights=str(folder / "atto.pth"), classes=3, head_init_scale=0.001,
                                 input_shape=(64, 64, 3))
     backbone = keras.Model(model.input, model.get_layer("norm").output)
-    np.testing.assert_allclose(logits(backbone, pixels), logits(full, pixels), atol=1e-6)
+    # (1e-5: `full` computes each block's tail in one op on PyTorch, `backbone` step by step.)
+    np.testing.assert_allclose(logits(backbone, pixels), logits(full, pixels), atol=1e-5)
     head = keras.ops.convert_to_numpy(model.get_layer("head").kernel)
     assert head.shape == (320, 3) and np.abs(head).max() < 0.001  # fresh, scaled by head_init_scale
     notop = kc.ConvNeXtAtto(weights=str(folder / "atto.pth"), include_top=False, input_shape=(64, 64, 3))
