@@ -5,9 +5,31 @@ pointwise (Dense) layers measured on CPU (README, Performance). tests/test_backe
 every path gives the same numbers.
 """
 
+import os
+
 import keras
 
 BACKEND = keras.backend.backend()
+
+# XLA:CPU's default scheduler orders a program for concurrency and keeps more buffers alive at
+# once: ConvNeXt-T's mixed-precision training step peaks 690 MB higher (3,210 vs 2,521 MB of RSS)
+# at the same speed on a 2-core machine, its float32 gradient needs 2,104 vs 1,941 MB of XLA
+# temporaries. JAX reads XLA_FLAGS when it first starts its CPU client (not at `import keras`),
+# so importing keras_convnext asks for the memory-ordered schedule, unless the user chose one.
+XLA_MEMORY_SCHEDULE = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+
+def prefer_memory_optimized_xla_schedule(environ=os.environ, backend=BACKEND):
+    """Adds XLA_MEMORY_SCHEDULE to XLA_FLAGS on JAX unless a CPU scheduler flag is set; True if added."""
+    flags = environ.get("XLA_FLAGS", "")
+    if backend != "jax" or "xla_cpu_enable_concurrency_optimized_scheduler" in flags or (
+            "xla_cpu_scheduler_type" in flags):
+        return False
+    environ["XLA_FLAGS"] = f"{flags} {XLA_MEMORY_SCHEDULE}".strip()
+    return True
+
+
+prefer_memory_optimized_xla_schedule()
 
 
 def depthwise_conv_same_torch(x, kernel, bias):
@@ -63,18 +85,22 @@ def _make_shifted_jax():
     # Autodiff of the shifted sum materialises k*k full-size products for the kernel gradient
     # (5x timm's training memory); the hand-written gradient is a correlation with the flipped
     # kernel for the input, and a loop of k*k fused multiply-reductions for the kernel.
+    # In mixed precision the sums run in float32 (XLA:CPU converts every bfloat16 multiply-add to
+    # float32 and back: 45.7 -> 13.4 ms for the stage-0 map), while the map saved for the
+    # gradient stays in its own (half) precision.
     @jax.custom_vjp
     def conv(x, kernel):
-        return _shifted_sum(x, kernel)
+        return _shifted_sum(x.astype(kernel.dtype), kernel).astype(x.dtype)
 
     def forward(x, kernel):
-        return _shifted_sum(x, kernel), (x, kernel)
+        return conv(x, kernel), (x, kernel)
 
     def backward(saved, g):
         x, kernel = saved
         k = kernel.shape[0]
         h, w = x.shape[1], x.shape[2]
-        dx = _shifted_sum(g, kernel[::-1, ::-1])
+        x, g = x.astype(kernel.dtype), g.astype(kernel.dtype)
+        dx = _shifted_sum(g, kernel[::-1, ::-1]).astype(saved[0].dtype)
         n, c = x.shape[0], x.shape[3]
         padded = jnp.pad(x, ((0, 0), (k // 2, k // 2), (k // 2, k // 2), (0, 0)))
 
@@ -94,15 +120,14 @@ _SHIFTED_JAX = []
 
 
 def depthwise_conv_same_shifted_jax(x, kernel, bias):
+    import jax.numpy as jnp
     from keras import ops
 
     if not _SHIFTED_JAX:
         _SHIFTED_JAX.append(_make_shifted_jax())
     kernel, bias = ops.convert_to_tensor(kernel), ops.convert_to_tensor(bias)
-    # XLA:CPU computes each bfloat16 multiply-add by converting to float32 and back: the 49 taps
-    # run 3.4x faster on one float32 copy of the map (45.7 -> 13.4 ms, stage 0, batch 16).
-    y = _SHIFTED_JAX[0](x.astype("float32"), kernel.astype("float32")) + bias.astype("float32")
-    return y.astype(x.dtype)
+    kernel = kernel.astype(jnp.promote_types(x.dtype, jnp.float32))  # float32 sums, even for a bfloat16 map
+    return _SHIFTED_JAX[0](x, kernel) + bias.astype(x.dtype)
 
 
 def depthwise_conv_same_keras(x, kernel, bias):
@@ -150,24 +175,26 @@ def _exact_gelu(y):
     return jax.nn.gelu(y, approximate=False)
 
 
-def _make_mixed_dot_jax():
+def _make_mixed_dense_jax():
     import jax
     import jax.numpy as jnp
 
-    # x (bfloat16/float16) @ kernel (float32) with a float32 product: XLA:CPU runs a bfloat16
-    # GEMM with a float32 result on the CPU's matrix units (AMX here), 3-4x faster than both its
-    # bfloat16-out GEMM and its float32 GEMM. Autodiff would transpose it into GEMMs of a float32
-    # cotangent (the slow float32 path); the gradient here casts the cotangent down first, so
-    # all three GEMMs of a step take the fast path, and the kernel's gradient stays float32.
+    # x (bfloat16/float16) @ kernel + bias (float32 variables) with a float32 product: XLA:CPU
+    # runs a bfloat16 GEMM with a float32 result on the CPU's matrix units (AMX here), 3-4x faster
+    # than both its bfloat16-out GEMM and its float32 GEMM; the bias is added in float32 and the
+    # result rounded once. Autodiff would transpose it into GEMMs of a float32 cotangent (the slow
+    # float32 path, and a float32 copy of the map); the gradient here keeps the cotangent in
+    # x's precision, so all three GEMMs of a step take the fast path, and the kernel's and the
+    # bias's gradients are summed in float32.
     def matmul(a, b):
         return jax.lax.dot_general(a, b, (((a.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
     @jax.custom_vjp
-    def dot(x, kernel):
-        return matmul(x, kernel.astype(x.dtype))
+    def dense(x, kernel, bias):
+        return (matmul(x, kernel.astype(x.dtype)) + bias).astype(x.dtype)
 
-    def forward(x, kernel):
-        return dot(x, kernel), (x, kernel)
+    def forward(x, kernel, bias):
+        return dense(x, kernel, bias), (x, kernel)
 
     def backward(saved, g):
         x, kernel = saved
@@ -175,13 +202,14 @@ def _make_mixed_dot_jax():
         dx = matmul(g, kernel.astype(x.dtype).T).astype(x.dtype)
         flat_x, flat_g = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
         dkernel = matmul(flat_x.T, flat_g).astype(kernel.dtype)
-        return dx, dkernel
+        dbias = flat_g.astype(jnp.float32).sum(0).astype(kernel.dtype)
+        return dx, dkernel, dbias
 
-    dot.defvjp(forward, backward)
-    return dot
+    dense.defvjp(forward, backward)
+    return dense
 
 
-_MIXED_DOT_JAX = []
+_MIXED_DENSE_JAX = []
 
 
 def dense_jax(x, kernel, bias, gelu):
@@ -195,10 +223,10 @@ def dense_jax(x, kernel, bias, gelu):
     kernel, bias = ops.convert_to_tensor(kernel), ops.convert_to_tensor(bias)
     if x.dtype == jnp.float32:
         y = x @ kernel.astype(x.dtype) + bias.astype(x.dtype)
-    else:  # mixed precision: a half-precision GEMM with a float32 product, bias in float32
-        if not _MIXED_DOT_JAX:
-            _MIXED_DOT_JAX.append(_make_mixed_dot_jax())
-        y = (_MIXED_DOT_JAX[0](x, kernel) + bias.astype(jnp.float32)).astype(x.dtype)
+    else:  # mixed precision: a half-precision GEMM with a float32 product and bias
+        if not _MIXED_DENSE_JAX:
+            _MIXED_DENSE_JAX.append(_make_mixed_dense_jax())
+        y = _MIXED_DENSE_JAX[0](x, kernel.astype(jnp.float32), bias.astype(jnp.float32))
     return jax.checkpoint(_exact_gelu)(y) if gelu else y
 
 

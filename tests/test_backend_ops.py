@@ -332,3 +332,24 @@ def test_layer_norm_is_layer_normalization_with_the_same_numbers_and_config():
         config = layer.get_config()
         assert LayerNorm.from_config(config).get_config() == config
     assert isinstance(layer, keras.layers.LayerNormalization)
+
+
+def test_jax_gets_the_memory_ordered_xla_schedule_unless_the_user_chose_one():
+    add = backend_ops.prefer_memory_optimized_xla_schedule
+    environ = {"XLA_FLAGS": "--xla_dump_to=/tmp/x"}
+    assert add(environ, "jax")
+    assert environ["XLA_FLAGS"] == "--xla_dump_to=/tmp/x --xla_cpu_enable_concurrency_optimized_scheduler=false"
+    assert not add(environ, "jax")  # once only
+    environ = {}
+    assert add(environ, "jax") and environ["XLA_FLAGS"] == backend_ops.XLA_MEMORY_SCHEDULE
+    for chosen in ("--xla_cpu_enable_concurrency_optimized_scheduler=true",
+                   "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_CONCURRENCY_OPTIMIZED"):
+        environ = {"XLA_FLAGS": chosen}
+        assert not add(environ, "jax") and environ == {"XLA_FLAGS": chosen}
+    for backend in ("tensorflow", "torch"):
+        environ = {}
+        assert not add(environ, backend) and environ == {}
+    if keras.backend.backend() == "jax":  # this process: set at import, before JAX started its CPU client
+        import os
+
+        assert "xla_cpu_enable_concurrency_optimized_scheduler" in os.environ["XLA_FLAGS"]
