@@ -9,8 +9,8 @@ import os
 import keras
 
 from keras_convnext import presets as presets_lib
-from keras_convnext.layers import (ConvNeXtPreprocessing, DepthwiseConv, HostTruncatedNormal, LayerNorm, LayerScale,
-                                   PointwiseDense, StochasticDepth)
+from keras_convnext.layers import (ConvNeXtPreprocessing, DepthwiseConv, HostConstant, HostTruncatedNormal, LayerNorm,
+                                   LayerScale, PointwiseDense, StochasticDepth)
 from keras_convnext.variants import VARIANTS
 
 LN_EPS = 1e-6  # every ConvNeXt LayerNorm, stem to head
@@ -30,8 +30,14 @@ def _kernel_init(scale=1.0):
     return HostTruncatedNormal(stddev=0.02 * scale)
 
 
+def _zeros():
+    return HostConstant(0.0)  # every bias: zeros, filled on the host (layers.py)
+
+
 def _layer_norm(name, **kwargs):
-    return LayerNorm(epsilon=LN_EPS, name=name, **kwargs)  # LayerNormalization, fastest form per backend
+    # LayerNormalization in the fastest form per backend; gamma 1, beta 0, filled on the host.
+    return LayerNorm(epsilon=LN_EPS, name=name, gamma_initializer=HostConstant(1.0), beta_initializer=_zeros(),
+                     **kwargs)
 
 
 def _block(x, dim, drop_path, layer_scale_init_value, prefix):
@@ -43,9 +49,10 @@ def _block(x, dim, drop_path, layer_scale_init_value, prefix):
     # Pointwise convs as Dense on (N, H, W, C): the same maths as 1x1 convs, as in the paper's code.
     # PointwiseDense: Dense with the bias and GELU fused into the product where the backend can.
     x = PointwiseDense(
-        4 * dim, activation="gelu", kernel_initializer=_kernel_init(), name=f"{prefix}_pwconv1"
+        4 * dim, activation="gelu", kernel_initializer=_kernel_init(), bias_initializer=_zeros(),
+        name=f"{prefix}_pwconv1",
     )(x)  # "gelu" is Keras's exact (erf) GELU, as the paper uses
-    x = PointwiseDense(dim, kernel_initializer=_kernel_init(), name=f"{prefix}_pwconv2")(x)
+    x = PointwiseDense(dim, kernel_initializer=_kernel_init(), bias_initializer=_zeros(), name=f"{prefix}_pwconv2")(x)
     if layer_scale_init_value:
         x = LayerScale(layer_scale_init_value, name=f"{prefix}_gamma")(x)
     if drop_path > 0:
@@ -288,7 +295,7 @@ def ConvNeXt(
         x = ConvNeXtPreprocessing(mean, std, name="preprocessing")(x)
 
     # Stem: "patchify" 4x4 stride-4 conv, then LayerNorm.
-    x = keras.layers.Conv2D(dims[0], 4, strides=4, kernel_initializer=_kernel_init(),
+    x = keras.layers.Conv2D(dims[0], 4, strides=4, kernel_initializer=_kernel_init(), bias_initializer=_zeros(),
                             name=keras_name("downsample_layers.0.0"))(x)
     x = _layer_norm(keras_name("downsample_layers.0.1"))(x)
 
@@ -297,7 +304,7 @@ def ConvNeXt(
     for stage, (depth, dim) in enumerate(zip(depths, dims)):
         if stage > 0:
             x = _layer_norm(keras_name(f"downsample_layers.{stage}.0"))(x)
-            x = keras.layers.Conv2D(dim, 2, strides=2, kernel_initializer=_kernel_init(),
+            x = keras.layers.Conv2D(dim, 2, strides=2, kernel_initializer=_kernel_init(), bias_initializer=_zeros(),
                                     name=keras_name(f"downsample_layers.{stage}.1"))(x)
         for block in range(depth):
             # Linear stochastic depth rule over all blocks: rate * k / (n - 1).
@@ -311,7 +318,7 @@ def ConvNeXt(
         # pool -> norm -> head, as the official weights expect; the pooled features leave in float32.
         x = _layer_norm("norm", dtype="float32")(x)
     if include_top:
-        x = keras.layers.Dense(classes, kernel_initializer=_kernel_init(head_init_scale),
+        x = keras.layers.Dense(classes, kernel_initializer=_kernel_init(head_init_scale), bias_initializer=_zeros(),
                                name="head")(x)
         # A float32 activation: mixed-precision models still return float32 probabilities.
         x = keras.layers.Activation(classifier_activation, dtype="float32",

@@ -7,7 +7,7 @@ import pytest
 from conftest import TINY
 
 import keras_convnext as kc
-from keras_convnext.layers import HostTruncatedNormal, StochasticDepth
+from keras_convnext.layers import HostConstant, HostTruncatedNormal, StochasticDepth
 
 BUILDERS = {
     "atto": kc.ConvNeXtAtto, "femto": kc.ConvNeXtFemto, "pico": kc.ConvNeXtPico,
@@ -347,10 +347,35 @@ def test_host_truncated_normal_draws_kerass_truncated_normal():
     assert generated.shape == (500,) and np.abs(generated).max() < 0.2
 
 
-def test_model_kernels_are_drawn_at_the_official_scale():
-    model = kc.ConvNeXt(**TINY, weights=None)
+def test_host_constant_fills_like_kerass_constant():
+    for value in (0.0, 1.0, 1e-6):
+        filled = keras.ops.convert_to_numpy(HostConstant(value)((3, 5)))
+        np.testing.assert_array_equal(filled, keras.ops.convert_to_numpy(keras.initializers.Constant(value)((3, 5))))
+        assert filled.dtype == np.float32
+    again = HostConstant.from_config(HostConstant(0.25).get_config())
+    assert keras.backend.standardize_dtype(again((2,), dtype="bfloat16").dtype) == "bfloat16"
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(again((2,))), [0.25, 0.25])
+
+
+def test_model_starts_from_the_official_init():
+    model = kc.ConvNeXt(**TINY, weights=None, layer_scale_init_value=1e-6)
     kernel = keras.ops.convert_to_numpy(model.get_layer("stages_3_0_pwconv1").kernel)
     assert np.abs(kernel).max() < 0.04 and abs(kernel.std() / 0.02 - 0.8796) < 0.05
+    checked = 0
+    for layer in model.layers:
+        for weight in layer.weights:
+            value = keras.ops.convert_to_numpy(weight)
+            if weight.name in ("bias", "beta"):
+                assert not value.any(), weight.path
+            elif isinstance(layer, keras.layers.LayerNormalization):
+                assert weight.name == "gamma" and (value == 1).all(), weight.path
+            elif isinstance(layer, kc.LayerScale):
+                np.testing.assert_allclose(value, 1e-6, err_msg=weight.path)
+            else:
+                continue
+            checked += 1
+    # 5 blocks x (3 biases, gamma and beta, scale), 4 x (conv bias, LN) in stem/downsampling, head norm + bias
+    assert checked == 6 * 5 + 3 * 4 + 3
 
 
 @pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
