@@ -267,7 +267,7 @@ def dense_scale_add_torch(x, kernel, bias, gamma, shortcut):
     """shortcut + (x @ kernel + bias) * gamma as one oneDNN GEMM at inference; None where it cannot run."""
     # A block's last three steps (pwconv2, layer scale, residual add) are three passes over the map
     # in eager PyTorch. The scale folds into the kernel and bias (C x 4C numbers, not the map) and
-    # the add is the GEMM's binary post-op: the stage-0 tail 7.7 -> ~3 ms in bfloat16 (README).
+    # the add is the GEMM's binary post-op: the stage-0 tail 7.7 -> 3.3 ms in bfloat16 (README).
     import torch
     from keras import ops
 

@@ -56,7 +56,7 @@ class HostTruncatedNormal(keras.initializers.TruncatedNormal):
     integer seed gives the same values at every call; `keras.utils.set_random_seed` makes
     unseeded ones reproducible). Keras draws it on the backend: a 4x oversized normal per kernel
     on PyTorch, one compiled program per kernel shape on JAX, whose freed working memory stays
-    in the process (ConvNeXt-T: 341 -> 119 MB of RSS after building on PyTorch, 409 -> 204 MB on
+    in the process (ConvNeXt-T: 341 -> 127 MB of RSS after building on PyTorch, 409 -> 212 MB on
     JAX). A `keras.random.SeedGenerator` seed draws with Keras as before.
     """
 
@@ -80,8 +80,8 @@ class HostConstant(keras.initializers.Constant):
     """`keras.initializers.Constant` filled with NumPy on the host.
 
     On JAX, Keras's fill compiles one small program per distinct shape, and every compiled program
-    stays in the process: ConvNeXt-T's biases, LayerNorm and layer-scale vectors cost 59 MB of
-    RSS that way (212 -> 153 MB after building).
+    stays in the process: ConvNeXt-T's biases, LayerNorm and layer-scale vectors cost 50 MB of
+    RSS that way (212 -> 162 MB after building).
     """
 
     def __call__(self, shape, dtype=None):
