@@ -5,6 +5,7 @@ pointwise (Dense) layers measured on CPU (README, Performance). tests/test_backe
 every path gives the same numbers.
 """
 
+import functools
 import os
 
 import keras
@@ -78,6 +79,7 @@ def _shifted_sum(x, kernel):
     return out
 
 
+@functools.cache  # built once, on first use (jax is imported only on the JAX backend)
 def _make_shifted_jax():
     import jax
     import jax.numpy as jnp
@@ -116,18 +118,13 @@ def _make_shifted_jax():
     return conv
 
 
-_SHIFTED_JAX = []
-
-
 def depthwise_conv_same_shifted_jax(x, kernel, bias):
     import jax.numpy as jnp
     from keras import ops
 
-    if not _SHIFTED_JAX:
-        _SHIFTED_JAX.append(_make_shifted_jax())
     kernel, bias = ops.convert_to_tensor(kernel), ops.convert_to_tensor(bias)
     kernel = kernel.astype(jnp.promote_types(x.dtype, jnp.float32))  # float32 sums, even for a bfloat16 map
-    return _SHIFTED_JAX[0](x, kernel) + bias.astype(x.dtype)
+    return _make_shifted_jax()(x, kernel) + bias.astype(x.dtype)
 
 
 def depthwise_conv_same_keras(x, kernel, bias):
@@ -175,6 +172,7 @@ def _exact_gelu(y):
     return jax.nn.gelu(y, approximate=False)
 
 
+@functools.cache
 def _make_mixed_dense_jax():
     import jax
     import jax.numpy as jnp
@@ -209,9 +207,6 @@ def _make_mixed_dense_jax():
     return dense
 
 
-_MIXED_DENSE_JAX = []
-
-
 def dense_jax(x, kernel, bias, gelu):
     # Autodiff of the erf GELU keeps its input *and* erf's output, two 4C-wide maps per block;
     # rematerialised (jax.checkpoint) it keeps only its input and recomputes erf in the backward
@@ -224,9 +219,7 @@ def dense_jax(x, kernel, bias, gelu):
     if x.dtype == jnp.float32:
         y = x @ kernel.astype(x.dtype) + bias.astype(x.dtype)
     else:  # mixed precision: a half-precision GEMM with a float32 product and bias
-        if not _MIXED_DENSE_JAX:
-            _MIXED_DENSE_JAX.append(_make_mixed_dense_jax())
-        y = _MIXED_DENSE_JAX[0](x, kernel.astype(jnp.float32), bias.astype(jnp.float32))
+        y = _make_mixed_dense_jax()(x, kernel.astype(jnp.float32), bias.astype(jnp.float32))
     return jax.checkpoint(_exact_gelu)(y) if gelu else y
 
 

@@ -4,6 +4,7 @@ Layer names are the weight contract: each is the official checkpoint key with ".
 (`stages.2.5.pwconv1` <-> `stages_2_5_pwconv1`), so that loading a checkpoint is a renaming.
 """
 
+import functools
 import os
 
 import keras
@@ -70,7 +71,10 @@ class ConvNeXtModel(keras.Model):
     bookkeeping differs. Under jit (JAX, tf.function) it changes nothing.
     """
 
+    # The graph is fixed once the model is built: what the forward looks up in it is derived once.
+    @functools.cached_property
     def _release_counts(self):
+        """{id(tensor): how many nodes take it as input}."""
         counts = {}
         for nodes in self._nodes_by_depth.values():
             for node in nodes:
@@ -79,10 +83,12 @@ class ConvNeXtModel(keras.Model):
                         counts[id(x)] = counts.get(id(x), 0) + 1
         return counts
 
-    def _block_tails(self, keep):
+    @functools.cached_property
+    def _block_tails(self):
         """{id(pwconv2 node): (its LayerScale node, the Add node, the shortcut)} for every block
         ending PointwiseDense -> LayerScale -> Add (without drop path) whose inner tensors are
         not model outputs: the steps `PointwiseDense.scale_add` can compute in one."""
+        keep = {id(x) for x in self.outputs}
         consumers = {}
         for nodes in self._nodes_by_depth.values():
             for node in nodes:
@@ -109,9 +115,9 @@ class ConvNeXtModel(keras.Model):
     def _run_through_graph(self, inputs, operation_fn=lambda op: op, call_fn=None):
         tensors = {id(x): y for x, y in zip(self.inputs, keras.tree.flatten(inputs))}
         keep = {id(x) for x in self.outputs}
-        remaining = self._release_counts()
+        remaining = dict(self._release_counts)
         # Eager PyTorch inference computes each block's tail in one op (backend_ops.dense_scale_add).
-        tails = self._block_tails(keep) if call_fn is None and keras.backend.backend() == "torch" else {}
+        tails = self._block_tails if call_fn is None and keras.backend.backend() == "torch" else {}
 
         def consumed(tensors_used):
             for x in tensors_used:
