@@ -223,12 +223,28 @@ def dense_jax(x, kernel, bias, gelu):
     return jax.checkpoint(_exact_gelu)(y) if gelu else y
 
 
+@functools.cache
+def onednn_bf16():
+    """Whether this CPU runs oneDNN's bfloat16 kernels (AVX-512 BW/VL/DQ, AVX-512 BF16 or AMX).
+
+    On a CPU without them (AVX2 only: older AMD EPYC, Intel client parts) oneDNN has no bfloat16
+    inner-product primitive at all ("could not create a primitive descriptor"), so bfloat16 maps take
+    torch's own GEMM (addmm), which exists everywhere. Torch's own convolution and LayerNorm already
+    ask the same question before they call oneDNN.
+    """
+    import torch
+
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(check is not None and torch.backends.mkldnn.is_available() and check())
+
+
 def _onednn_linear_ok(x, kernel):
     import torch
 
     # oneDNN's linear (with or without a GELU post-op) has no autograd formula and is not traceable by torch.export or
     # ONNX export: inference in eager mode only (Keras's predict runs under no_grad).
-    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+    return (x.device.type == "cpu"
+            and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and onednn_bf16()))
             and not (torch.is_grad_enabled() and (x.requires_grad or kernel.requires_grad))
             and not torch.compiler.is_compiling() and torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))

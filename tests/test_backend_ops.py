@@ -1,5 +1,7 @@
 """Every depthwise-conv formulation gives the same numbers on the current backend."""
 
+import os
+
 import keras
 import numpy as np
 import pytest
@@ -353,3 +355,55 @@ def test_jax_gets_the_memory_ordered_xla_schedule_unless_the_user_chose_one():
         import os
 
         assert "xla_cpu_enable_concurrency_optimized_scheduler" in os.environ["XLA_FLAGS"]
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_bfloat16_inference_runs_with_and_without_native_bfloat16(native_bf16, monkeypatch):
+    # On an AVX2-only CPU oneDNN has no bfloat16 inner product: the torch forms must take addmm there,
+    # chosen by what the CPU has (onednn_bf16), and give the same numbers as the float32 model.
+    from conftest import TINY
+
+    import keras_convnext as kc
+
+    if keras.backend.backend() == "torch":
+        if native_bf16 and not backend_ops.onednn_bf16():
+            pytest.skip("this CPU has no oneDNN bfloat16 kernels")
+        monkeypatch.setattr(backend_ops, "onednn_bf16", lambda: native_bf16)
+        import torch
+
+        with torch.no_grad():
+            bf16 = torch.zeros(2, 3, dtype=torch.bfloat16)
+            assert backend_ops._onednn_linear_ok(bf16, bf16.new_zeros(3, 4)) == native_bf16
+            assert backend_ops._onednn_linear_ok(torch.zeros(2, 3), torch.zeros(3, 4)) == (
+                torch.backends.mkldnn.is_available())
+    x = np.random.default_rng(3).integers(0, 256, (2, 40, 40, 3)).astype("uint8")
+    reference = kc.ConvNeXt(**TINY, weights=None, include_top=False, pooling="avg", input_shape=(40, 40, 3))
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    model = kc.ConvNeXt(**TINY, weights=None, include_top=False, pooling="avg", input_shape=(40, 40, 3))
+    model.set_weights(reference.get_weights())
+    out = model.predict(x, verbose=0)
+    expected = reference.predict(x, verbose=0)
+    assert out.dtype == np.float32 and np.isfinite(out).all()
+    np.testing.assert_allclose(out, expected, atol=0.05 * np.abs(expected).max(), rtol=0)
+
+
+def test_bfloat16_inference_on_a_cpu_limited_to_avx2():
+    # oneDNN limited to AVX2 (ONEDNN_MAX_CPU_ISA) is the AMD EPYC / AVX2-only case for real: its bfloat16
+    # inner product does not exist there, and predict under mixed_bfloat16 must still run.
+    import subprocess
+    import sys
+
+    script = (
+        "import numpy as np, keras, keras_convnext as kc\n"
+        "from keras_convnext import backend_ops\n"
+        "keras.config.set_dtype_policy('mixed_bfloat16')\n"
+        "m = kc.ConvNeXt((1, 1, 2, 1), (8, 16, 24, 32), weights=None, input_shape=(32, 32, 3), classes=5)\n"
+        "out = m.predict(np.zeros((2, 32, 32, 3), 'uint8'), verbose=0)\n"
+        "print('native', backend_ops.onednn_bf16() if keras.backend.backend() == 'torch' else None,"
+        " 'ok', bool(np.isfinite(out).all()), out.shape)\n"
+    )
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", TF_CPP_MIN_LOG_LEVEL="3")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    native = "False" if keras.backend.backend() == "torch" else "None"
+    assert f"native {native} ok True (2, 5)" in done.stdout
