@@ -166,6 +166,27 @@ class StochasticDepth(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
+class PatchifyStem(keras.layers.Conv2D):
+    """ConvNeXt's stem, a `Conv2D` (4x4, stride 4), that says what is wrong with a too-small image.
+
+    A model built with a flexible input (None, None, 3) fed a 16 px image would otherwise fail three
+    downsamplings later, in a strided conv, with "the convolution operation resulted in an empty
+    output". The four downsamplings take MIN_SIZE px to one pixel.
+    """
+
+    MIN_SIZE = 32
+
+    def call(self, inputs):
+        height, width = inputs.shape[1], inputs.shape[2]  # static or concrete sizes; None while unknown
+        if any(s is not None and s < self.MIN_SIZE for s in (height, width)):
+            raise ValueError(
+                f"ConvNeXt needs images of at least {self.MIN_SIZE}x{self.MIN_SIZE} pixels (four downsamplings "
+                f"to 1x1). Received: images of shape {tuple(inputs.shape)}"
+            )
+        return super().call(inputs)
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
 class DepthwiseConv(keras.layers.Layer):
     """A k x k depthwise convolution, stride 1, 'same' padding, channels last, with bias.
 

@@ -9,15 +9,16 @@ import os
 
 import keras
 
+from keras_convnext import checks
 from keras_convnext import presets as presets_lib
 from keras_convnext.layers import (ConvNeXtPreprocessing, DepthwiseConv, HostConstant, HostTruncatedNormal, LayerNorm,
-                                   LayerScale, PointwiseDense, StochasticDepth)
+                                   LayerScale, PatchifyStem, PointwiseDense, StochasticDepth)
 from keras_convnext.variants import VARIANTS
 
 LN_EPS = 1e-6  # every ConvNeXt LayerNorm, stem to head
 POOLINGS = (None, "avg", "max")
 PYRAMID_LEVELS = ("P2", "P3", "P4", "P5")  # strides 4, 8, 16, 32, keras-hub's convention
-MIN_SIZE = 32  # the four downsamplings take 32 px to a 1x1 map
+MIN_SIZE = PatchifyStem.MIN_SIZE  # the four downsamplings take 32 px to a 1x1 map
 
 
 def keras_name(key):
@@ -70,6 +71,30 @@ class ConvNeXtModel(keras.Model):
     once, ~3x timm's inference memory. Same graph, same weights, same numbers; only the
     bookkeeping differs. Under jit (JAX, tf.function) it changes nothing.
     """
+
+    def _check_image_arrays(self, x):
+        """A too-small array batch is refused before Keras's loop starts (on JAX, an error inside the
+        traced predict leaves the model's variables purged, so a later good call fails too)."""
+        shape = getattr(x, "shape", None)
+        if shape is None or len(self.inputs) != 1 or len(shape) != 4:
+            return
+        if any(s is not None and s < MIN_SIZE for s in tuple(shape)[1:3]):
+            raise ValueError(
+                f"ConvNeXt needs images of at least {MIN_SIZE}x{MIN_SIZE} pixels (four downsamplings to 1x1). "
+                f"Received: x with shape={tuple(shape)}"
+            )
+
+    def predict(self, x, *args, **kwargs):
+        self._check_image_arrays(x)
+        return super().predict(x, *args, **kwargs)
+
+    def evaluate(self, x=None, *args, **kwargs):
+        self._check_image_arrays(x)
+        return super().evaluate(x, *args, **kwargs)
+
+    def fit(self, x=None, *args, **kwargs):
+        self._check_image_arrays(x)
+        return super().fit(x, *args, **kwargs)
 
     # The graph is fixed once the model is built: what the forward looks up in it is derived once.
     @functools.cached_property
@@ -154,34 +179,46 @@ class ConvNeXtModel(keras.Model):
         return keras.tree.pack_sequence_as(self._outputs_struct, [tensors[id(x)] for x in self.outputs])
 
 
-def _check_args(depths, dims, include_top, weights, input_tensor, input_shape, pooling, classes,
-                drop_path_rate):
+def _check_args(depths, dims, include_top, include_preprocessing, weights, input_tensor, input_shape, pooling,
+                classes, classifier_activation, name, drop_path_rate, layer_scale_init_value, head_init_scale):
     """Every argument checked before any file is fetched; returns the resolved input shape."""
-    if len(depths) != 4 or len(dims) != 4:
+    if not isinstance(depths, (list, tuple)) or not isinstance(dims, (list, tuple)) or len(depths) != 4 or (
+            len(dims) != 4):
         raise ValueError(
             "ConvNeXt has four stages: `depths` and `dims` need four entries each. "
-            f"Received: depths={tuple(depths)}, dims={tuple(dims)}"
+            f"Received: depths={depths!r}, dims={dims!r}"
         )
-    if min(depths) < 1 or min(dims) < 1:
+    for i, (depth, dim) in enumerate(zip(depths, dims)):
+        checks.integer(f"depths[{i}]", depth, minimum=1)
+        checks.integer(f"dims[{i}]", dim, minimum=1)
+    checks.boolean("include_top", include_top)
+    checks.boolean("include_preprocessing", include_preprocessing)
+    checks.choice("pooling", pooling, POOLINGS)
+    if include_top:
+        checks.integer("classes", classes, minimum=1)
+    if classifier_activation is not None and not isinstance(classifier_activation, str) and (
+            not callable(classifier_activation)):
         raise ValueError(
-            f"`depths` and `dims` must be positive. Received: depths={tuple(depths)}, dims={tuple(dims)}"
+            "`classifier_activation` must be None, an activation name or a callable. "
+            f"Received: classifier_activation={classifier_activation!r}"
         )
-    if pooling not in POOLINGS:
-        raise ValueError(
-            f"`pooling` must be one of None, 'avg', 'max'. Received: pooling={pooling!r}"
-        )
-    if include_top and (not isinstance(classes, int) or classes < 1):
-        raise ValueError(f"`classes` must be a positive integer. Received: classes={classes!r}")
-    if not 0.0 <= drop_path_rate < 1.0:
-        raise ValueError(f"`drop_path_rate` must be in [0, 1). Received: drop_path_rate={drop_path_rate}")
+    checks.optional_str("name", name)
+    checks.number("drop_path_rate", drop_path_rate, 0.0, 1.0, high_open=True)
+    if layer_scale_init_value is not None:
+        checks.number("layer_scale_init_value", layer_scale_init_value, 0.0)
+    checks.number("head_init_scale", head_init_scale, 0.0, low_open=True)
     if weights is not None and not isinstance(weights, (str, os.PathLike)):
         raise ValueError(
             "`weights` must be None, 'imagenet', a preset name or a file path. "
             f"Received: weights={weights!r}"
         )
     if input_tensor is not None:
+        if not hasattr(input_tensor, "shape"):
+            raise ValueError(f"`input_tensor` must be a Keras tensor. Received: input_tensor={input_tensor!r}")
         shape = tuple(input_tensor.shape[1:])
     elif input_shape is not None:
+        if not isinstance(input_shape, (list, tuple)):
+            raise ValueError(f"`input_shape` must be (height, width, 3). Received: input_shape={input_shape!r}")
         shape = tuple(input_shape)
     else:
         shape = None
@@ -189,6 +226,10 @@ def _check_args(depths, dims, include_top, weights, input_tensor, input_shape, p
         if len(shape) != 3:
             raise ValueError(
                 f"`input_shape` must be (height, width, 3). Received: input_shape={shape}"
+            )
+        if any(s is not None and (isinstance(s, bool) or not isinstance(s, int)) for s in shape):
+            raise ValueError(
+                f"`input_shape` must hold integers or None. Received: input_shape={shape}"
             )
         if shape[-1] != 3:
             raise ValueError(
@@ -223,7 +264,9 @@ def _resolve_preset(weights, variant):
                 f"Received: weights={weights!r}"
             )
         return preset
-    if os.path.exists(weights):
+    if os.path.isdir(weights):
+        raise ValueError(f"`weights` is a folder, not a checkpoint file. Received: weights={weights!r}")
+    if os.path.isfile(weights):
         return None
     valid = ", ".join(["None", "'imagenet'", *sorted(presets_lib.PRESETS), "or a file path"])
     raise ValueError(f"Unknown `weights`. Valid values: {valid}. Received: weights={weights!r}")
@@ -277,9 +320,10 @@ def ConvNeXt(
     Returns:
         A `keras.Model`.
     """
+    shape = _check_args(depths, dims, include_top, include_preprocessing, weights, input_tensor, input_shape,
+                        pooling, classes, classifier_activation, name, drop_path_rate, layer_scale_init_value,
+                        head_init_scale)
     depths, dims = tuple(depths), tuple(dims)
-    shape = _check_args(depths, dims, include_top, weights, input_tensor, input_shape, pooling,
-                        classes, drop_path_rate)
     variant = _variant_of(depths, dims)
     preset = _resolve_preset(weights, variant)
     if shape is None:
@@ -301,8 +345,8 @@ def ConvNeXt(
         x = ConvNeXtPreprocessing(mean, std, name="preprocessing")(x)
 
     # Stem: "patchify" 4x4 stride-4 conv, then LayerNorm.
-    x = keras.layers.Conv2D(dims[0], 4, strides=4, kernel_initializer=_kernel_init(), bias_initializer=_zeros(),
-                            name=keras_name("downsample_layers.0.0"))(x)
+    x = PatchifyStem(dims[0], 4, strides=4, kernel_initializer=_kernel_init(), bias_initializer=_zeros(),
+                     name=keras_name("downsample_layers.0.0"))(x)
     x = _layer_norm(keras_name("downsample_layers.0.1"))(x)
 
     total = sum(depths)

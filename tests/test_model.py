@@ -276,10 +276,50 @@ def test_layernorm_statistics_stay_float32_under_float16():
     ({"classes": 0}, r"`classes`.*Received: classes=0"),
     ({"weights": "imagenet21k"}, r"Unknown `weights`.*convnext_atto.d2_in1k.*Received: weights='imagenet21k'"),
     ({"drop_path_rate": 1.0}, r"Received: drop_path_rate=1.0"),
+    ({"drop_path_rate": float("nan")}, r"finite number.*Received: drop_path_rate=nan"),
+    ({"drop_path_rate": "0.1"}, r"finite number.*Received: drop_path_rate='0.1'"),
+    ({"classes": True}, r"`classes` must be an integer.*Received: classes=True"),
+    ({"classes": 10.0}, r"`classes` must be an integer.*Received: classes=10.0"),
+    ({"layer_scale_init_value": -1e-6}, r"`layer_scale_init_value` must be in \[0.0, inf\].*=-1e-06"),
+    ({"layer_scale_init_value": float("nan")}, r"finite number.*Received: layer_scale_init_value=nan"),
+    ({"head_init_scale": 0.0}, r"`head_init_scale` must be in \(0.0, inf\].*Received: head_init_scale=0.0"),
+    ({"head_init_scale": float("inf")}, r"finite number.*Received: head_init_scale=inf"),
+    ({"include_top": "yes"}, r"`include_top` must be True or False.*Received: include_top='yes'"),
+    ({"include_preprocessing": 1}, r"True or False.*Received: include_preprocessing=1"),
+    ({"input_shape": (32.5, 32, 3)}, r"integers or None.*Received: input_shape=\(32.5, 32, 3\)"),
+    ({"input_shape": 224}, r"Received: input_shape=224"),
+    ({"name": 3}, r"`name` must be a string.*Received: name=3"),
+    ({"classifier_activation": 3}, r"Received: classifier_activation=3"),
+    ({"weights": 3}, r"`weights` must be.*Received: weights=3"),
 ])
 def test_bad_arguments_raise_clear_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         kc.ConvNeXtAtto(**{"weights": None, **kwargs})
+
+
+def test_generic_builder_checks_its_numbers_too(tmp_path):
+    with pytest.raises(ValueError, match=r"finite number.*Received: drop_path_rate=None"):
+        kc.ConvNeXt(TINY["depths"], TINY["dims"], weights=None, drop_path_rate=None)
+    with pytest.raises(ValueError, match=r"`depths\[2\]` must be an integer.*Received: depths\[2\]=True"):
+        kc.ConvNeXt((1, 1, True, 1), TINY["dims"], weights=None)
+    with pytest.raises(ValueError, match=r"`dims\[0\]` must be at least 1.*Received: dims\[0\]=0"):
+        kc.ConvNeXt(TINY["depths"], (0, 16, 24, 32), weights=None)
+    with pytest.raises(ValueError, match=r"a folder, not a checkpoint file.*Received: weights="):
+        kc.ConvNeXt(TINY["depths"], TINY["dims"], weights=str(tmp_path))
+    with pytest.raises(ValueError, match=r"Unknown `weights`.*Received: weights="):
+        kc.ConvNeXt(TINY["depths"], TINY["dims"], weights=str(tmp_path / "missing.pth"))
+
+
+def test_flexible_model_refuses_too_small_images_and_stays_usable():
+    model = kc.ConvNeXt(TINY["depths"], TINY["dims"], weights=None, include_top=False, pooling="avg")
+    good = np.zeros((1, 40, 40, 3), "uint8")
+    expected = model.predict(good, verbose=0)
+    with pytest.raises(ValueError, match=r"at least 32x32.*Received: x with shape=\(1, 16, 40, 3\)"):
+        model.predict(np.zeros((1, 16, 40, 3), "uint8"), verbose=0)
+    with pytest.raises(ValueError, match=r"at least 32x32.*Received: images of shape \(1, 40, 16, 3\)"):
+        model(np.zeros((1, 40, 16, 3), "uint8"))
+    # The refused call changed nothing (on JAX a failure inside predict's trace would purge the variables).
+    np.testing.assert_array_equal(model.predict(good, verbose=0), expected)
 
 
 def test_input_tensor_is_checked_too():
