@@ -29,8 +29,8 @@ def number(name, value, low=None, high=None, low_open=False, high_open=False):
     too_low = low is not None and (value <= low if low_open else value < low)
     too_high = high is not None and (value >= high if high_open else value > high)
     if too_low or too_high:
-        interval = f"{'(' if low_open else '['}{'-inf' if low is None else low}, " \
-                   f"{'inf' if high is None else high}{')' if high_open else ']'}"
+        interval = f"{'(' if low_open or low is None else '['}{'-inf' if low is None else low}, " \
+                   f"{'inf' if high is None else high}{')' if high_open or high is None else ']'}"
         raise ValueError(f"`{name}` must be in {interval}. {received(name, value)}")
     return float(value)
 

@@ -99,12 +99,9 @@ def _cmd_export(args):
 
 
 def _write_json(path, data):
-    import os
+    from keras_convnext.files import write_text
 
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
+    write_text(path, json.dumps(data, indent=2))
 
 
 def build_parser():
@@ -112,14 +109,17 @@ def build_parser():
         prog="keras-convnext",
         description="ConvNeXt for Keras 3: predict, train, export, convert and benchmark.",
     )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add = lambda name, **kwargs: sub.add_parser(name, parents=[common], **kwargs)  # noqa: E731
 
-    p = sub.add_parser("demo", help="train ConvNeXt-Atto on scikit-learn's digits, print held-out accuracy")
+    p = add("demo", help="train ConvNeXt-Atto on scikit-learn's digits, print held-out accuracy")
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--batch-size", type=int, default=32)
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("predict", help="classify image files with a pretrained ConvNeXt")
+    p = add("predict", help="classify image files with a pretrained ConvNeXt")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--preset", help="preset name (default: convnext_tiny.fb_in22k_ft_in1k)")
@@ -128,14 +128,15 @@ def build_parser():
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_predict)
 
-    p = sub.add_parser("convert", help="convert a checkpoint to a Keras .weights.h5 or .keras file")
+    p = add("convert", help="convert a checkpoint to a Keras .weights.h5 or .keras file")
     p.add_argument("src", metavar="SRC", help="checkpoint file or preset name")
     p.add_argument("dst", metavar="DST", help="output path ending in .weights.h5 or .keras")
-    p.add_argument("--variant", help="variant name, when SRC's layout does not say (atto..xlarge)")
+    p.add_argument("--variant", choices=VARIANT_NAMES,
+                   help="check that SRC holds this variant (its architecture is read from the file)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_convert)
 
-    p = sub.add_parser("train", help="train or fine-tune with the paper's recipes under model.fit",
+    p = add("train", help="train or fine-tune with the paper's recipes under model.fit",
                        description="Train a ConvNeXt with a recipe. Writes OUT/model.keras (the evaluated "
                                    "weights: EMA when the recipe keeps one), OUT/history.csv, OUT/curves.png, "
                                    "OUT/classes.json; an interrupted run resumes from OUT/backup.")
@@ -159,7 +160,7 @@ def build_parser():
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("export", help="export to a TF Serving SavedModel, ONNX or LiteRT, with the same numbers")
+    p = add("export", help="export to a TF Serving SavedModel, ONNX or LiteRT, with the same numbers")
     p.add_argument("model", metavar="MODEL", help=".keras file or preset name")
     p.add_argument("out", metavar="OUT", help="SavedModel base directory, or the .onnx / .tflite file")
     p.add_argument("--format", required=True, choices=["saved_model", "onnx", "litert"])
@@ -169,7 +170,7 @@ def build_parser():
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_export)
 
-    p = sub.add_parser("benchmark", help="throughput and peak memory, side by side with keras.applications and timm")
+    p = add("benchmark", help="throughput and peak memory, side by side with keras.applications and timm")
     p.add_argument("--variant", default="tiny", choices=sorted(VARIANT_NAMES))
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=16)
@@ -186,12 +187,44 @@ def build_parser():
     return parser
 
 
+# What the library raises on bad input (CheckpointError is a ValueError, DownloadError an OSError):
+# one line and exit status 2, as argparse does for a bad flag.
+USER_ERRORS = (ValueError, OSError)
+
+
+def one_line(error):
+    """The message of `error` on one line (Keras wraps a layer's error in a few lines of context)."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))  # Keras bolds the message with ANSI codes
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Exception encountered when calling"):
+        lines = lines[1:2]
+    if not lines:
+        return type(error).__name__
+    return lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, RuntimeError) as e:
-        sys.exit(f"keras-convnext {args.command}: error: {e}")
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"keras-convnext {args.command}: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except USER_ERRORS as e:
+        if args.debug:
+            raise
+        print(f"keras-convnext {args.command}: error: {one_line(e)}", file=sys.stderr)
+        sys.exit(2)
+    except RuntimeError as e:  # a failure inside a backend or a child process: not the user's input
+        if args.debug:
+            raise
+        print(f"keras-convnext {args.command}: error: {one_line(e)} (--debug shows the traceback)", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """Classifying image files with a pretrained ConvNeXt (the `predict` command's logic)."""
 
+import os
+
 import numpy as np
 
 from keras_convnext import presets as presets_lib
@@ -15,9 +17,17 @@ def predict_files(paths, preset=None, weights=None, top=5, batch_size=8):
     checkpoint file instead of a preset, the architecture is read from the file and the
     224 px ImageNet transform is used.
     """
+    from keras_convnext import checks
     from keras_convnext import model as model_lib
     from keras_convnext import weights as weights_lib
 
+    # Everything the user gave is checked, and every image read, before a checkpoint is fetched or a model built.
+    checks.integer("top", top, minimum=1, maximum=1000)
+    checks.integer("batch_size", batch_size, minimum=1)
+    if isinstance(paths, (str, bytes)) or not paths:
+        raise ValueError(f"`paths` must be a non-empty list of image files. Received: paths={paths!r}")
+    if weights is not None and preset is not None:
+        raise ValueError(f"Pass `preset` or `weights`, not both. Received: preset={preset!r}, weights={weights!r}")
     if weights is None:
         preset_obj = presets_lib.get_preset(preset or DEFAULT_PRESET)
         if preset_obj.classes != 1000:
@@ -25,9 +35,17 @@ def predict_files(paths, preset=None, weights=None, top=5, batch_size=8):
                 "`predict` names ImageNet-1k classes; this preset has "
                 f"{preset_obj.classes}. Received: preset={preset!r}"
             )
+        transform = {"preset": preset_obj}
+    else:
+        weights = os.fspath(weights)
+        if not os.path.isfile(weights):
+            raise ValueError(f"No checkpoint file at this path. Received: weights={weights!r}")
+        transform = {}
+    images = np.stack([load_image(p, **transform) for p in paths])
+
+    if weights is None:
         variant = model_lib.VARIANTS[preset_obj.variant]
         model = model_lib.ConvNeXt(variant.depths, variant.dims, weights=preset_obj.name)
-        transform = {"preset": preset_obj}
     else:
         layers, info = weights_lib.read_weights(weights)
         if layers is None:
@@ -42,10 +60,6 @@ def predict_files(paths, preset=None, weights=None, top=5, batch_size=8):
                 f"{classes} outputs. Received: weights={weights!r}"
             )
         model = model_lib.ConvNeXt(depths, dims, weights=weights)
-        transform = {}
-    if not 1 <= top <= 1000:
-        raise ValueError(f"`top` must be in [1, 1000]. Received: top={top}")
-    images = np.stack([load_image(p, **transform) for p in paths])
     probs = model.predict(images, batch_size=batch_size, verbose=0)
     return [
         {"image": str(path),

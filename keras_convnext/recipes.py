@@ -16,6 +16,7 @@ import re
 import keras
 from keras import ops
 
+from keras_convnext import checks
 from keras_convnext.variants import VARIANTS
 
 _TORCH = keras.backend.backend() == "torch"
@@ -63,6 +64,53 @@ class Recipe:
     mixup_switch_prob: float = 0.5  # per batch, CutMix instead of Mixup when both are on
     random_erasing: float = 0.25  # probability per image (reprob)
     interpolation: str = "bicubic"
+
+    def __post_init__(self):
+        # Every field checked where it is set (the recipe tables, get_recipe, `train --set`), before any work.
+        for name in ("name", "description"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"`{name}` must be a string. {checks.received(name, getattr(self, name))}")
+        for name in ("epochs", "batch_size", "lr_batch_size"):
+            checks.integer(name, getattr(self, name), minimum=1)
+        checks.integer("image_size", self.image_size, minimum=32)
+        checks.number("lr", self.lr, 0.0, low_open=True)
+        for name in ("min_lr", "warmup_epochs", "weight_decay", "color_jitter", "mixup", "cutmix"):
+            checks.number(name, getattr(self, name), 0.0)
+        for name in ("beta_1", "beta_2", "label_smoothing"):
+            checks.number(name, getattr(self, name), 0.0, 1.0, high_open=True)
+        for name in ("hflip", "mixup_switch_prob", "random_erasing"):
+            checks.number(name, getattr(self, name), 0.0, 1.0)
+        checks.number("epsilon", self.epsilon, 0.0, low_open=True)
+        checks.number("head_init_scale", self.head_init_scale, 0.0, low_open=True)
+        checks.number("crop_pct", self.crop_pct, 0.0, 1.0, low_open=True)
+        if self.layer_decay is not None:
+            checks.number("layer_decay", self.layer_decay, 0.0, 1.0, low_open=True)
+        if self.ema_momentum is not None:
+            checks.number("ema_momentum", self.ema_momentum, 0.0, 1.0, high_open=True)
+        checks.boolean("ema_scale_to_run", self.ema_scale_to_run)
+        checks.optional_str("weights", self.weights)
+        checks.choice("interpolation", self.interpolation, ("bicubic", "bilinear", "nearest"))
+        rates = self.drop_path_rate.values() if isinstance(self.drop_path_rate, dict) else [self.drop_path_rate]
+        for rate in rates:
+            if rate is not None:
+                checks.number("drop_path_rate", rate, 0.0, 1.0, high_open=True)
+        for name, low, high in (("scale", 0.0, 1.0), ("ratio", 0.0, None)):
+            pair = getattr(self, name)
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise ValueError(f"`{name}` must be a (low, high) pair. {checks.received(name, pair)}")
+            for value in pair:
+                checks.number(name, value, low, high, low_open=True)
+            if pair[0] > pair[1]:
+                raise ValueError(f"`{name}` must be (low, high) with low <= high. {checks.received(name, pair)}")
+            object.__setattr__(self, name, tuple(float(v) for v in pair))
+        if self.rand_augment is not None:
+            pair = self.rand_augment
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise ValueError(f"`rand_augment` must be None or (magnitude, magnitude_std). "
+                                 f"{checks.received('rand_augment', pair)}")
+            checks.number("rand_augment magnitude", pair[0], 0.0, 10.0)
+            checks.number("rand_augment magnitude_std", pair[1], 0.0)
+            object.__setattr__(self, "rand_augment", tuple(pair))
 
     def peak_lr(self, batch_size=None):
         return self.lr * (batch_size or self.batch_size) / self.lr_batch_size
@@ -207,11 +255,8 @@ def get_recipe(name, **overrides):
             f"Unknown recipe field {unknown[0]!r}. Valid fields: {', '.join(sorted(fields))}. "
             f"Received: {unknown[0]}={overrides[unknown[0]]!r}"
         )
-    for key in ("epochs", "batch_size"):
-        if key in overrides and (not isinstance(overrides[key], int) or overrides[key] < 1):
-            raise ValueError(f"`{key}` must be a positive integer. Received: {key}={overrides[key]!r}")
-    if "lr" in overrides and not overrides["lr"] > 0:
-        raise ValueError(f"`lr` must be positive. Received: lr={overrides['lr']!r}")
+    if "epochs" in overrides:
+        checks.integer("epochs", overrides["epochs"], minimum=1)  # before it scales the warm-up below
     if "epochs" in overrides and "warmup_epochs" not in overrides:
         # A shorter run keeps the warm-up's share of it: in1k's 20 of 300 epochs -> 2 of 30.
         overrides["warmup_epochs"] = recipe.warmup_epochs * overrides["epochs"] / recipe.epochs

@@ -58,7 +58,7 @@ def test_convert_and_predict_on_a_real_photograph(tmp_path):
     assert done.returncode == 0, done.stderr
     assert f"wrote {tmp_path / 'atto.keras'}" in done.stdout
     again = _cli("convert", str(tmp_path / "atto.pth"), str(tmp_path / "atto.keras"))
-    assert again.returncode == 1 and "--overwrite" in again.stderr and "Received: dst=" in again.stderr
+    assert again.returncode == 2 and "--overwrite" in again.stderr and "Received: dst=" in again.stderr
 
     Image.fromarray(skimage.data.chelsea()).save(tmp_path / "chelsea.png")
     done = _cli("predict", str(tmp_path / "chelsea.png"), "--weights", str(tmp_path / "atto.keras"),
@@ -81,6 +81,95 @@ def test_convert_and_predict_on_a_real_photograph(tmp_path):
 
 def test_predict_errors_are_one_line():
     done = _cli("predict", "nowhere.png", "--preset", "convnext_tiny.not_a_tag")
-    assert done.returncode == 1
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
     assert "Unknown preset" in done.stderr and "Received: preset='convnext_tiny.not_a_tag'" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+# --- every user error: one line on stderr, exit status 2, no traceback --------------------------
+
+def _run_main(capsys, *argv):
+    with pytest.raises(SystemExit) as e:
+        main(list(argv))
+    err = capsys.readouterr().err
+    return e.value.code, err
+
+
+def _assert_one_line(code, err, *fragments):
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err
+    if not any(line.startswith("usage:") for line in lines):  # argparse prints its usage line first
+        assert len(lines) == 1, err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+@pytest.fixture
+def hostile(tmp_path):
+    """A folder of broken inputs, each made here."""
+    import h5py
+    import numpy as np
+    from PIL import Image
+
+    (tmp_path / "folder.pth").mkdir()
+    (tmp_path / "truncated.weights.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 40)
+    with h5py.File(tmp_path / "no_names.h5", "w") as f:
+        f.create_group("model_weights").attrs["backend"] = "tensorflow"
+        f.create_dataset("x", data=np.zeros(3))
+    (tmp_path / "garbage.pth").write_bytes(b"PK\x03\x04" + bytes(range(256)) * 4)
+    (tmp_path / "not_an_image.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)
+    Image.fromarray(np.zeros((40, 40, 3), "uint8")).save(tmp_path / "ok.png")
+    return tmp_path
+
+
+@pytest.mark.parametrize("argv, fragments", [
+    (["predict", "{d}/ok.png", "--weights", "{d}/folder.pth"], ["Received: weights="]),
+    (["predict", "{d}/ok.png", "--weights", "{d}/missing.pth"], ["No checkpoint file", "Received: weights="]),
+    (["predict", "{d}/missing.png"], ["No image file", "Received: path="]),
+    (["predict", "{d}/not_an_image.png"], ["not_an_image.png"]),
+    (["predict", "{d}/ok.png", "--top", "0"], ["Received: top=0"]),
+    (["convert", "{d}/missing.pth", "{d}/out.keras"], ["Received: src="]),
+    (["convert", "{d}/ok.png", "{d}/out.keras", "--variant", "bogus"], ["invalid choice: 'bogus'"]),
+    (["convert", "{d}/truncated.weights.h5", "{d}/out.keras"], ["truncated.weights.h5"]),
+    (["convert", "{d}/no_names.h5", "{d}/out.keras"], ["no_names.h5"]),
+    (["convert", "{d}/garbage.pth", "{d}/out.keras"], ["garbage.pth"]),
+    (["convert", "{d}/ok.png", "{d}/out.txt"], ["Received: dst="]),
+    (["train", "{d}/missing", "--out", "{d}/run"], ["Received: data="]),
+    (["train", "{d}", "--out", "{d}/run", "--set", "mixup=abc"], ["Received: mixup='abc'"]),
+    (["train", "{d}", "--out", "{d}/run", "--set", "mixupp=0.1"], ["Unknown recipe field 'mixupp'"]),
+    (["train", "{d}", "--out", "{d}/run", "--set", "novalue"], ["key=value"]),
+    (["train", "{d}", "--out", "{d}/run", "--epochs", "0"], ["Received: epochs=0"]),
+    (["train", "{d}", "--out", "{d}/run", "--lr", "nan"], ["Received: lr=nan"]),
+    (["export", "{d}/missing.keras", "{d}/out"], ["Received: model="]),
+    (["export", "{d}/missing.keras", "{d}/out", "--format", "onnx", "--crop-pct", "0"], ["Received: crop_pct=0"]),
+    (["export", "{d}/missing.keras", "{d}/out", "--format", "tflite"], ["invalid choice: 'tflite'"]),
+    (["benchmark", "--steps", "0"], ["Received: steps=0"]),
+])
+def test_bad_input_is_one_line_and_exit_2(argv, fragments, hostile, capsys):
+    argv = [a.format(d=hostile) for a in argv]
+    if argv[0] == "export" and "--format" not in argv:
+        argv += ["--format", "saved_model"]
+    code, err = _run_main(capsys, *argv)
+    _assert_one_line(code, err, *fragments)
+
+
+def test_download_error_is_one_line_and_exit_2(capsys, monkeypatch, tmp_path):
+    import dataclasses
+
+    from keras_convnext import presets as presets_lib
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    name = "convnext_atto.d2_in1k"
+    unreachable = dataclasses.replace(presets_lib.PRESETS[name], url="http://127.0.0.1:9/convnext_atto.pth")
+    monkeypatch.setitem(presets_lib.PRESETS, name, unreachable)
+    code, err = _run_main(capsys, "convert", name, str(tmp_path / "atto.keras"))
+    _assert_one_line(code, err, "http://127.0.0.1:9/convnext_atto.pth")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    done = _cli("convert", str(tmp_path / "missing.pth"), str(tmp_path / "out.keras"), "--debug")
+    assert done.returncode == 1 and "Traceback" in done.stderr and "Received: src=" in done.stderr
+    done = _cli("convert", str(tmp_path / "missing.pth"), str(tmp_path / "out.keras"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
