@@ -243,10 +243,11 @@ def plot(results, path):
         r0 = rows[0] if rows else {}
         ax.set_title(f"ConvNeXt-{r0.get('variant', '')} {mode}, {precision}, batch {r0.get('batch_size', '')}")
     fig.tight_layout()
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=110)
+    from keras_convnext.files import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":
