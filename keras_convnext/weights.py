@@ -5,26 +5,20 @@ official keys, then mapped mechanically onto Keras layer names (`model.keras_nam
 is strict: every source tensor consumed, every model variable assigned, shapes checked by name.
 """
 
-import contextlib
-import hashlib
 import os
 import re
-import shutil
-import tempfile
-import urllib.error
-import urllib.request
 import warnings
 
 import numpy as np
 
 from keras_convnext import checkpoints
+from keras_convnext import download as download_lib
+from keras_convnext import files
 from keras_convnext.checkpoints import CheckpointError
+# Fetching and caching files is keras_convnext.download's job; its names stay importable here.
+from keras_convnext.download import DownloadError, cache_dir, download, preset_cache_path  # noqa: F401
 from keras_convnext.model import keras_name
 from keras_convnext.variants import VARIANTS
-
-
-class DownloadError(OSError):
-    """A checkpoint could not be fetched or did not verify."""
 
 
 # --- source layouts -> official keys ----------------------------------------------------------
@@ -171,6 +165,9 @@ def read_weights(path):
     loads only through `model.load_weights` into the architecture it came from.
     """
     path = os.fspath(path)
+    if not os.path.isfile(path):
+        what = "a folder, not a checkpoint file" if os.path.isdir(path) else "no such file"
+        raise CheckpointError(f"{path}: {what}. Received: path={path!r}")
     fmt = checkpoints.sniff_format(path)
     info = {"format": fmt, "path": path}
     if fmt == "keras_weights_h5":
@@ -307,112 +304,28 @@ def load_weights(model, weights, preset=None, include_top=True, classes=1000, he
         warnings.warn(f"{os.path.basename(path)}: {note}.", stacklevel=3)
 
 
-# --- download and cache ----------------------------------------------------------------------
+# --- the converted-preset cache ---------------------------------------------------------------
 
-def cache_dir():
-    """`$KERAS_HOME/keras_convnext` (default `~/.keras/keras_convnext`), as Keras caches files."""
-    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
-    return os.path.join(home, "keras_convnext")
+def fetch_preset(preset, progress=True, deadline=None, lock_timeout=None):
+    """The preset's converted `.keras` file in the cache, downloading and converting it once.
 
-
-@contextlib.contextmanager
-def _file_lock(path):
-    """An exclusive lock between processes (POSIX); elsewhere the atomic rename still protects."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def download(url, dest, sha256=None, sha256_prefix=None, progress=True):
-    """Fetches `url` to `dest`: written aside, verified, then renamed; returns `dest`.
-
-    Hand-written rather than `keras.utils.get_file`, which writes in place (a crash or a second
-    process sees a partial file) and names neither the URL nor the way out in its errors.
+    The cached file is returned only if it reads back (a zip holding `config.json` and
+    `model.weights.h5`, every CRC right); one that does not is moved aside with a warning and
+    made again. `deadline` and `lock_timeout` are `download.download`'s.
     """
-    import keras
-
-    by_hand = (
-        f"Download it yourself and pass weights='/path/to/{os.path.basename(dest)}', or place it "
-        f"at {dest}."
-    )
-    with _file_lock(dest):
-        if os.path.exists(dest):
-            return dest  # only complete, verified files are ever renamed into place
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), prefix=".download-", suffix=".part")
-        try:
-            with os.fdopen(fd, "wb") as out:
-                try:
-                    response = urllib.request.urlopen(url, timeout=60)
-                except urllib.error.HTTPError as e:
-                    raise DownloadError(f"Fetching {url} failed: HTTP {e.code} {e.reason}. {by_hand}") from e
-                except (urllib.error.URLError, OSError) as e:
-                    reason = getattr(e, "reason", e)
-                    raise DownloadError(f"Cannot reach {url} ({reason}). {by_hand}") from e
-                with response:
-                    total = int(response.headers.get("Content-Length") or 0) or None
-                    bar = keras.utils.Progbar(total, unit_name="B") if progress else None
-                    received = 0
-                    try:
-                        for chunk in iter(lambda: response.read(1 << 20), b""):
-                            out.write(chunk)
-                            received += len(chunk)
-                            if bar:
-                                bar.update(received)
-                    except OSError as e:  # includes http.client.IncompleteRead
-                        raise DownloadError(f"The download of {url} broke off after {received} bytes ({e}). {by_hand}") from e
-            if total is not None and received != total:
-                raise DownloadError(
-                    f"The download of {url} is truncated: {received} of {total} bytes. {by_hand}"
-                )
-            if sha256 or sha256_prefix:
-                digest = _sha256(tmp)
-                expected = sha256 or sha256_prefix
-                if not digest.startswith(expected):
-                    raise DownloadError(
-                        f"The file from {url} fails its sha256 check: expected {expected}"
-                        f"{'...' if not sha256 else ''}, got {digest}. {by_hand}"
-                    )
-            os.replace(tmp, dest)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    return dest
-
-
-def preset_cache_path(preset):
-    return os.path.join(cache_dir(), f"{preset.name}.keras")
-
-
-def fetch_preset(preset, progress=True):
-    """The preset's converted `.keras` file in the cache, downloading and converting it once."""
     final = preset_cache_path(preset)
-    if os.path.exists(final):
+    if download_lib.checkpoint_problem(final, "keras") is None:
         return final
-    with _file_lock(final):
+    way_out = (f"Download {preset.url} yourself and pass weights='/path/to/{os.path.basename(preset.url)}', "
+               f"or convert it with keras_convnext.convert to {final}.")
+    with download_lib.file_lock(final, f"preparing preset {preset.name}", lock_timeout, way_out):
+        download_lib.clean(cache_dir())
         if os.path.exists(final):
-            return final
-        source = os.path.join(cache_dir(), "downloads", os.path.basename(preset.url.split("?")[0]))
-        if preset.format == "timm" and preset.url.endswith("model.safetensors"):
-            source = os.path.join(cache_dir(), "downloads", f"{preset.name}.safetensors")
-        download(preset.url, source, preset.sha256, preset.sha256_prefix, progress)
+            problem = download_lib.checkpoint_problem(final, "keras")
+            if problem is None:
+                return final  # made by another process while this one waited
+            download_lib.move_aside(final, problem, f"the converted preset {preset.name} at")
+        source = download_lib.download_preset(preset, progress, deadline, lock_timeout)
         convert(source, final, variant=preset.variant, preset=preset)
         os.remove(source)  # the converted file loads without torch; keep the cache small
     return final
@@ -427,6 +340,8 @@ def convert(src, dst, variant=None, preset=None, overwrite=False):
     from keras_convnext import presets as presets_lib
 
     dst = os.fspath(dst)
+    if variant is not None and variant not in VARIANTS:
+        raise ValueError(f"Unknown variant. Valid values: {', '.join(VARIANTS)}. Received: variant={variant!r}")
     if not (dst.endswith(".keras") or dst.endswith(".weights.h5")):
         raise ValueError(f"The output must end in '.keras' or '.weights.h5'. Received: dst={dst!r}")
     if os.path.exists(dst) and not overwrite:
@@ -434,7 +349,7 @@ def convert(src, dst, variant=None, preset=None, overwrite=False):
     if isinstance(src, str) and src in presets_lib.PRESETS:
         preset = presets_lib.PRESETS[src]
         src = fetch_preset(preset)
-    elif not os.path.isfile(src):
+    elif not isinstance(src, (str, os.PathLike)) or not os.path.isfile(src):
         raise ValueError(f"No checkpoint file or preset of that name. Received: src={src!r}")
     layers, info = read_weights(src)
     if layers is None:
@@ -455,17 +370,9 @@ def convert(src, dst, variant=None, preset=None, overwrite=False):
     assign(model, layers, src)
     if "norm_epsilon" in info and classes is not None:
         model.get_layer("norm").epsilon = float(info["norm_epsilon"])
-    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-    suffix = ".keras" if dst.endswith(".keras") else ".weights.h5"
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(dst)), prefix=".convert-", suffix=suffix)
-    os.close(fd)
-    try:
-        if suffix == ".keras":
+    with files.atomic_path(dst) as tmp:
+        if dst.endswith(".keras"):
             model.save(tmp)
         else:
             model.save_weights(tmp, overwrite=True)
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return dst

@@ -1,0 +1,442 @@
+"""Downloading checkpoint files into the cache: the one job of this module.
+
+Every download is written aside (`files.atomic_path`), checked, and only then renamed into place,
+so the cache holds complete files or none: the byte count against Content-Length, the published
+hash where there is one, and always the payload itself (a complete zip with every CRC right, a
+safetensors header whose offsets fit the file, an HDF5 file that opens), so an HTML error page or a
+body cut short by a closed connection never lands. A cached file that no longer reads is moved
+aside with a warning and fetched again. Only http:// and https:// are fetched, redirects included;
+the whole transfer has a deadline and waiting on another process's lock a bound.
+"""
+
+import contextlib
+import glob
+import hashlib
+import http.client
+import json
+import math
+import os
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import warnings
+import zipfile
+import zlib
+
+from keras_convnext import checkpoints, files
+
+SCHEMES = ("http", "https")
+SOCKET_TIMEOUT = 60  # seconds one read may wait for data
+DEADLINE_ENV, DEFAULT_DEADLINE = "KERAS_CONVNEXT_DOWNLOAD_TIMEOUT", 3600.0
+LOCK_TIMEOUT_ENV, DEFAULT_LOCK_TIMEOUT = "KERAS_CONVNEXT_LOCK_TIMEOUT", 3600.0
+FORMATS = ("torch_zip", "safetensors", "keras", "keras_weights_h5", "keras_h5_legacy")
+
+# What each `Preset.format` is published as (keras_convnext.presets).
+_PRESET_FORMATS = {"official": ("torch_zip",), "timm": ("torch_zip", "safetensors"),
+                   "keras_h5": ("keras_h5_legacy",)}
+_KERAS_MEMBERS = ("config.json", "model.weights.h5")
+_SAFETENSORS_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+                         "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+class DownloadError(OSError):
+    """A checkpoint could not be fetched or did not verify."""
+
+
+def _error(message):
+    return DownloadError(" ".join(message.split()))  # one line, whatever the causes printed
+
+
+def cache_dir():
+    """`$KERAS_HOME/keras_convnext` (default `~/.keras/keras_convnext`), as Keras caches files."""
+    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    return os.path.join(home, "keras_convnext")
+
+
+def downloads_dir():
+    return os.path.join(cache_dir(), "downloads")
+
+
+def preset_cache_path(preset):
+    """Where a preset's converted `.keras` file lives in the cache."""
+    return os.path.join(cache_dir(), f"{preset.name}.keras")
+
+
+def _by_hand(dest):
+    return (f"Download it yourself and pass weights='/path/to/{os.path.basename(dest)}', or place it "
+            f"at {dest}.")
+
+
+def _seconds(value, env, default, name):
+    """`value`, else the environment variable `env`, else `default`: a positive number of seconds."""
+    source = name
+    if value is None:
+        value = os.environ.get(env) or None
+        if value is None:
+            return default
+        source = env
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if not seconds > 0:  # also refuses nan
+        raise ValueError(f"`{source}` must be a positive number of seconds. Received: {source}={value!r}")
+    return seconds
+
+
+# --- locks and leftovers ----------------------------------------------------------------------
+
+@contextlib.contextmanager
+def file_lock(path, what, timeout=None, way_out=""):
+    """An exclusive lock on `path + ".lock"` between processes (POSIX), waited for `timeout` seconds.
+
+    `what` says what the holder does ("downloading URL"), for the waiter's message. The kernel
+    drops a dead holder's lock, so a killed run never leaves the cache locked. Elsewhere there
+    is no lock; the atomic rename still keeps the cache whole.
+    """
+    timeout = _seconds(timeout, LOCK_TIMEOUT_ENV, DEFAULT_LOCK_TIMEOUT, "lock_timeout")
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    lock = path + ".lock"
+    try:
+        os.makedirs(os.path.dirname(lock), exist_ok=True)
+        f = open(lock, "a")
+    except OSError as e:
+        raise _error(f"Cannot create the lock file {lock} ({e}): set KERAS_HOME to a writable folder. "
+                     f"{way_out}") from e
+    with f:
+        start, pause, said = time.monotonic(), 0.05, False
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                pass
+            waited = time.monotonic() - start
+            if waited >= timeout:
+                raise _error(
+                    f"Gave up after {waited:.1f} s waiting for another process {what} (lock {lock}, "
+                    f"held only while that process lives): wait longer with {LOCK_TIMEOUT_ENV}=SECONDS. "
+                    f"{way_out}"
+                )
+            if not said:
+                print(f"keras_convnext: waiting for another process {what} (lock {lock}), at most "
+                      f"{timeout:g} s", file=sys.stderr, flush=True)
+                said = True
+            time.sleep(min(pause, timeout - waited))
+            pause = min(2 * pause, 1.0)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def clean(folder):
+    """Removes what killed runs left in `folder`; returns the names removed."""
+    removed = files.clean_leftovers(folder)
+    # Versions before files.partial_name wrote `.download-*.part` and `.convert-*`, with no owner
+    # in the name: swept once nothing has written to them for an hour.
+    for pattern in (".download-*.part", ".convert-*"):
+        for path in glob.glob(os.path.join(glob.escape(folder), pattern)):
+            with contextlib.suppress(OSError):
+                if os.path.isfile(path) and time.time() - os.path.getmtime(path) > 3600:
+                    os.remove(path)
+                    removed.append(os.path.basename(path))
+    return removed
+
+
+def move_aside(path, problem, what="the cached file"):
+    """Renames a cached file that does not read to `<name>.corrupt-<time>` (only the latest kept)."""
+    for old in glob.glob(glob.escape(path) + ".corrupt-*"):
+        with contextlib.suppress(OSError):
+            os.remove(old)
+    aside = f"{path}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
+    os.replace(path, aside)
+    warnings.warn(f"{what} {path} does not read ({problem}): moved it aside to {aside} and "
+                  "fetching it again.", stacklevel=3)
+    return aside
+
+
+# --- what a payload must be -------------------------------------------------------------------
+
+def _zip_problem(path):
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+            # Checkpoints are stored or barely compress: a larger claim is a damaged directory or a bomb.
+            unpacked, bound = sum(i.file_size for i in infos), 16 * os.path.getsize(path) + (1 << 20)
+            if unpacked > bound:
+                return f"the zip archive claims {unpacked} unpacked bytes, more than {bound}"
+            bad = archive.testzip()
+            if bad is not None:
+                return f"zip member {bad!r} fails its CRC check"
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, NotImplementedError,
+            RuntimeError) as e:
+        return f"a damaged zip archive ({e})"
+    return None
+
+
+def _safetensors_problem(path):
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        if not 2 <= length <= min(size - 8, 100 << 20):
+            return f"a safetensors header of {length} bytes in a file of {size}"
+        try:
+            header = json.loads(f.read(length))
+        except (ValueError, UnicodeDecodeError) as e:
+            return f"the safetensors header is not JSON ({e})"
+    if not isinstance(header, dict):
+        return "the safetensors header is not a JSON object"
+    data, end_of_data = size - 8 - length, 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, end = (int(x) for x in entry["data_offsets"])
+            count = math.prod(int(n) for n in entry["shape"])
+        except (KeyError, TypeError, ValueError):
+            return f"safetensors tensor {name!r} has no valid shape and data_offsets"
+        if not 0 <= begin <= end <= data:
+            return f"safetensors tensor {name!r} lies outside the file (bytes {begin}-{end} of {data})"
+        itemsize = _SAFETENSORS_ITEMSIZE.get(entry.get("dtype"))
+        if itemsize and end - begin != count * itemsize:
+            return f"safetensors tensor {name!r} holds {end - begin} bytes, its shape and dtype {count * itemsize}"
+        end_of_data = max(end_of_data, end)
+    if end_of_data != data:
+        return f"the safetensors data is {data} bytes, its tensors cover {end_of_data}"
+    return None
+
+
+def _hdf5_problem(path):
+    import h5py
+
+    try:
+        with h5py.File(path, "r"):
+            pass  # HDF5 compares the file's size with the end its superblock records
+    except OSError as e:
+        return f"HDF5 cannot open it ({e})"
+    return None
+
+
+def checkpoint_problem(path, formats=None):
+    """None if `path` is a complete checkpoint of one of `formats` (default: any), else what is wrong."""
+    formats = _formats(formats)
+    if not os.path.isfile(path):
+        return "no such file"
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if not head:
+        return "an empty file"
+    if head.lstrip()[:1] == b"<":
+        return f"an HTML or XML page, not a checkpoint (it starts {head[:24]!r})"
+    # The container first, in this module's words: sniff_format then names what it holds.
+    problem = (_zip_problem(path) if head.startswith(checkpoints.ZIP_MAGIC)
+               else _hdf5_problem(path) if head.startswith(checkpoints.HDF5_MAGIC) else None)
+    if problem:
+        return problem
+    try:
+        fmt = checkpoints.sniff_format(path)
+    except (checkpoints.CheckpointError, OSError, ValueError, zipfile.BadZipFile) as e:
+        return str(e).replace(f"{path}: ", "")
+    if fmt not in formats:
+        return f"a {fmt} file, not {' or '.join(formats)}"
+    if fmt == "keras":
+        with zipfile.ZipFile(path) as archive:
+            missing = [m for m in _KERAS_MEMBERS if m not in archive.namelist()]
+        return f"the .keras archive lacks {', '.join(missing)}" if missing else None
+    if fmt == "safetensors":
+        return _safetensors_problem(path)
+    return None
+
+
+def _formats(formats):
+    formats = (formats,) if isinstance(formats, str) else tuple(formats or FORMATS)
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise ValueError(f"`expect_format` must be among {FORMATS}. Received: expect_format={formats!r}")
+    return formats
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _hash_problem(path, sha256, sha256_prefix):
+    expected = sha256 or sha256_prefix
+    if not expected:
+        return None
+    digest = _sha256(path)
+    if digest.startswith(expected):
+        return None
+    return f"fails its sha256 check: expected {expected}{'...' if not sha256 else ''}, got {digest}"
+
+
+# --- fetching ---------------------------------------------------------------------------------
+
+class _HttpRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows redirects to http:// and https:// only (urllib's own allows ftp://)."""
+
+    def __init__(self, way_out):
+        self.way_out = way_out
+
+    def http_error_302(self, req, fp, code, msg, headers):
+        target = headers.get("location") or headers.get("uri")
+        if target:
+            new = urllib.parse.urljoin(req.full_url, target)
+            if urllib.parse.urlsplit(new).scheme.lower() not in SCHEMES:
+                fp.close()
+                raise _error(f"Refusing the redirect from {req.full_url} to {new}: only http:// and "
+                             f"https:// URLs are fetched. {self.way_out}")
+        return super().http_error_302(req, fp, code, msg, headers)
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
+
+
+def _opener(way_out):
+    """urllib's default opener less its file://, ftp:// and data: handlers."""
+    opener = urllib.request.OpenerDirector()
+    handlers = [urllib.request.ProxyHandler(), urllib.request.UnknownHandler(), urllib.request.HTTPHandler(),
+                urllib.request.HTTPDefaultErrorHandler(), _HttpRedirects(way_out),
+                urllib.request.HTTPErrorProcessor()]
+    if hasattr(urllib.request, "HTTPSHandler"):  # Python built with ssl
+        handlers.append(urllib.request.HTTPSHandler())
+    for handler in handlers:
+        opener.add_handler(handler)
+    return opener
+
+
+def _fetch(url, tmp, deadline, progress, way_out):
+    """Streams `url` into `tmp` within `deadline` seconds; checks the byte count."""
+    end = time.monotonic() + deadline
+    late = (f"The download of {url} did not finish within its {deadline:g} s deadline: allow longer "
+            f"with {DEADLINE_ENV}=SECONDS (or deadline=). {way_out}")
+    try:
+        # A read waits at most the deadline: a silent server ends within twice the deadline at worst.
+        response = _opener(way_out).open(url, timeout=min(SOCKET_TIMEOUT, deadline))
+    except DownloadError:
+        raise
+    except urllib.error.HTTPError as e:
+        with contextlib.suppress(Exception):
+            e.close()
+        raise _error(f"Fetching {url} failed: HTTP {e.code} {e.reason}. {way_out}") from e
+    except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as e:
+        if time.monotonic() > end:
+            raise _error(late) from e
+        raise _error(f"Cannot reach {url} ({getattr(e, 'reason', e)}). {way_out}") from e
+    with response:
+        if response.status != 200:
+            raise _error(f"Fetching {url} failed: HTTP {response.status} {response.reason}, not 200. {way_out}")
+        content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if content_type in ("text/html", "application/xhtml+xml"):
+            raise _error(f"{url} answered with an HTML page (Content-Type {content_type}), not a checkpoint: "
+                         f"the link may have moved or need a login. {way_out}")
+        total = None
+        if not getattr(response, "chunked", False):
+            declared = response.headers.get("Content-Length")
+            if declared is not None:
+                if not declared.strip().isdigit():
+                    raise _error(f"{url} declares an invalid Content-Length {declared!r}. {way_out}")
+                total = int(declared)
+        bar = None
+        if progress:
+            import keras
+
+            bar = keras.utils.Progbar(total, unit_name="B")
+        received = 0
+        with open(tmp, "wb") as out:
+            while True:
+                if time.monotonic() > end:
+                    raise _error(late)
+                try:
+                    chunk = response.read1(1 << 20)
+                except (OSError, http.client.HTTPException) as e:  # a timeout, a reset, a bad chunk
+                    if time.monotonic() > end:
+                        raise _error(late) from e
+                    if isinstance(e, TimeoutError):
+                        raise _error(f"The download of {url} stalled after {received} bytes: no data for "
+                                     f"{SOCKET_TIMEOUT} s. {way_out}") from e
+                    raise _error(f"The download of {url} broke off after {received} bytes ({e!r}). {way_out}") from e
+                if not chunk:
+                    break
+                received += len(chunk)
+                if total is not None and received > total:
+                    raise _error(f"{url} sent more than the {total} bytes it declared. {way_out}")
+                out.write(chunk)
+                if bar is not None:
+                    bar.update(received)
+            if bar is not None:
+                bar.update(received, finalize=True)
+    if total is not None and received < total:
+        raise _error(f"The download of {url} is truncated: {received} of {total} bytes. {way_out}")
+
+
+def download(url, dest, sha256=None, sha256_prefix=None, progress=True, expect_format=None,
+             deadline=None, lock_timeout=None):
+    """Fetches `url` to `dest`: written aside, verified, then renamed; returns `dest`.
+
+    Args:
+        url: an http:// or https:// URL (redirects are followed to those schemes only).
+        dest: the file to create; an existing one is returned if it verifies, else moved aside.
+        sha256, sha256_prefix: the published hash, or its first hex digits, if there is one.
+        progress: show a `keras.utils.Progbar`.
+        expect_format: the checkpoint format(s) of `checkpoints.sniff_format` the file must
+            read as (default: any of them); the payload is checked whether or not a hash is given.
+        deadline: seconds for the whole transfer (default `$KERAS_CONVNEXT_DOWNLOAD_TIMEOUT`, 3600).
+        lock_timeout: seconds to wait for another process fetching `dest` (default
+            `$KERAS_CONVNEXT_LOCK_TIMEOUT`, 3600).
+
+    Hand-written rather than `keras.utils.get_file`, which writes in place (a crash or a second
+    process sees a partial file) and names neither the URL nor the way out in its errors.
+    Every failure is a `DownloadError` saying what, the URL and the way out.
+    """
+    dest = os.path.abspath(os.fspath(dest))
+    way_out = _by_hand(dest)
+    formats = _formats(expect_format)
+    deadline = _seconds(deadline, DEADLINE_ENV, DEFAULT_DEADLINE, "deadline")
+    if urllib.parse.urlsplit(url).scheme.lower() not in SCHEMES:
+        raise _error(f"Refusing to fetch {url}: only http:// and https:// URLs are fetched (a local "
+                     f"file is passed as weights=PATH). {way_out}")
+    try:
+        with file_lock(dest, f"downloading {url}", lock_timeout, way_out):
+            clean(os.path.dirname(dest))
+            if os.path.exists(dest):
+                problem = _hash_problem(dest, sha256, sha256_prefix) or checkpoint_problem(dest, formats)
+                if problem is None:
+                    return dest  # placed by hand, or fetched by another process while this one waited
+                move_aside(dest, problem, f"the download of {url} at")
+            with files.atomic_path(dest) as tmp:
+                _fetch(url, tmp, deadline, progress, way_out)
+                problem = _hash_problem(tmp, sha256, sha256_prefix)
+                if problem:
+                    raise _error(f"The file from {url} {problem}. {way_out}")
+                problem = checkpoint_problem(tmp, formats)
+                if problem:
+                    kind = "" if formats == FORMATS else " or ".join(formats) + " "
+                    raise _error(f"The download of {url} is not a readable {kind}checkpoint: {problem}. "
+                                 f"{way_out}")
+    except DownloadError:
+        raise
+    except OSError as e:  # the cache itself: permissions, a full disk
+        raise _error(f"Cannot write the download of {url} to {dest} ({e}): free space or set KERAS_HOME "
+                     f"to a writable folder. {way_out}") from e
+    return dest
+
+
+def download_preset(preset, progress=True, deadline=None, lock_timeout=None):
+    """Downloads a preset's source checkpoint into `downloads_dir()`; returns its path."""
+    name = os.path.basename(urllib.parse.urlsplit(preset.url).path)
+    if preset.format == "timm" and name == "model.safetensors":
+        name = f"{preset.name}.safetensors"  # every Hugging Face file has the same name
+    source = os.path.join(downloads_dir(), name)
+    return download(preset.url, source, preset.sha256, preset.sha256_prefix, progress,
+                    expect_format=_PRESET_FORMATS[preset.format], deadline=deadline, lock_timeout=lock_timeout)
