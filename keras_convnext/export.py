@@ -2,25 +2,54 @@
 
 SavedModel and LiteRT are written by the TensorFlow backend, ONNX by the torch backend (its
 exporter keeps LayerNorm as one `LayerNormalization` op). A model built on another backend is saved
-to a temporary `.keras` file and exported in a subprocess running the right backend, so the user
-never switches backends by hand. Every output is written aside and renamed into place.
+to a temporary `.keras` file and exported in a child process running the right backend, so the user
+never switches backends by hand.
+
+Every output is written aside (`files.atomic_path`) and renamed into place by the process that was
+asked, only once the export is complete. A child writes only into the temporary output and work
+folder its parent chose beside the output, both named for the parent's pid, and it dies with its
+parent: killing an export at any point leaves the previous version untouched, and the next export
+into the same folder removes what the killed one left.
 """
 
 import json
+import numbers
 import os
-import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
+
+from keras_convnext import files
 
 FORMATS = ("saved_model", "onnx", "litert")
 BACKEND_FOR = {"saved_model": "tensorflow", "litert": "tensorflow", "onnx": "torch"}
 TOP_K = 5
 
 
-def _check_format(format):
+def _check_arguments(format, version, image_size, crop_pct):
+    """Checked before any work: a bad value fails at once, not after a model is built and saved."""
     if format not in FORMATS:
         raise ValueError(f"Unknown export format; valid ones are {', '.join(FORMATS)}. Received: format={format!r}")
+    if not _is_int(version) or version < 1:
+        raise ValueError(f"`version` must be a positive integer. Received: version={version!r}")
+    if image_size is not None and (not _is_int(image_size) or image_size < 32):
+        raise ValueError(
+            f"`image_size` must be an integer of at least 32 (pixels), or None. Received: image_size={image_size!r}")
+    if crop_pct is not None and (not isinstance(crop_pct, numbers.Real) or isinstance(crop_pct, bool)
+                                 or not 0 < crop_pct <= 1):
+        raise ValueError(f"`crop_pct` must be a number in (0, 1], or None. Received: crop_pct={crop_pct!r}")
+
+
+def _is_int(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_free(target, overwrite):
+    if os.path.lexists(target) and not overwrite:
+        raise ValueError(f"The output exists; pass overwrite=True (--overwrite) to replace it. Received: path={target!r}")
 
 
 def _check_classifier(model):
@@ -115,43 +144,17 @@ def _archive(model, size, crop_pct, with_bytes):
     return archive
 
 
-def _export_here(model, path, format, version, size, crop_pct, overwrite):
-    """Exports in this process (the backend is the right one); returns the written path."""
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
+def _write(model, out, format, size, crop_pct, scratch):
+    """Writes the export at `out` (an empty folder for "saved_model", a file otherwise) in this process.
+
+    `scratch` is a private work folder for intermediate files; its owner removes it.
+    """
     if format == "saved_model":
-        target = os.path.join(path, str(version))
-        os.makedirs(path, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=path, prefix=f".{version}.tmp-")
-        try:
-            _archive(model, size, crop_pct, with_bytes=True).write_out(tmp, verbose=False)
-            _replace(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return target
-    fd, tmp = tempfile.mkstemp(dir=parent, prefix=".export-", suffix=os.path.splitext(path)[1])
-    os.close(fd)
-    try:
-        if format == "onnx":
-            _write_onnx(model, tmp, size)
-        else:
-            _write_litert(model, tmp, size)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
-
-
-def _replace(new_dir, target):
-    """Puts `new_dir` at `target`; an existing target is moved aside first, removed only after."""
-    old = None
-    if os.path.exists(target):
-        old = tempfile.mkdtemp(dir=os.path.dirname(target), prefix=".old-")
-        os.rename(target, os.path.join(old, "v"))
-    os.rename(new_dir, target)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
+        _archive(model, size, crop_pct, with_bytes=True).write_out(out, verbose=False)
+    elif format == "onnx":
+        _write_onnx(model, out, size)
+    else:
+        _write_litert(model, out, size, scratch)
 
 
 def _write_onnx(model, path, size):
@@ -176,15 +179,15 @@ def _write_onnx(model, path, size):
     program.save(path)
 
 
-def _write_litert(model, path, size):
+def _write_litert(model, path, size, scratch):
     import tensorflow as tf
 
-    with tempfile.TemporaryDirectory() as tmp:
-        _archive(model, size, crop_pct=1.0, with_bytes=False).write_out(tmp, verbose=False)
-        converter = tf.lite.TFLiteConverter.from_saved_model(tmp)
-        # Builtin ops only: a model that would need Flex (TF) ops fails here rather than on a phone.
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-        flatbuffer = converter.convert()
+    saved = os.path.join(scratch, "litert_saved_model")
+    _archive(model, size, crop_pct=1.0, with_bytes=False).write_out(saved, verbose=False)
+    converter = tf.lite.TFLiteConverter.from_saved_model(saved)
+    # Builtin ops only: a model that would need Flex (TF) ops fails here rather than on a phone.
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    flatbuffer = converter.convert()
     with open(path, "wb") as f:
         f.write(flatbuffer)
 
@@ -198,47 +201,160 @@ def export(model, path, format="saved_model", version=1, image_size=None, crop_p
             otherwise the `.onnx` or `.tflite` file.
         format: "saved_model" (signatures `serving_default` on float32 pixels and `serving_bytes` on
             encoded JPEG/PNG), "onnx" or "litert".
-        version: the SavedModel version directory.
-        image_size: input size, for models built with a flexible input shape (default 224).
-        crop_pct: crop fraction of the bytes signature's eval transform (default: the preset's, else
-            0.875 below 384 px and 1.0 at 384 px and above).
+        version: the SavedModel version directory, a positive integer.
+        image_size: input size (>= 32), for models built with a flexible input shape (default 224).
+        crop_pct: crop fraction in (0, 1] of the bytes signature's eval transform (default: the
+            preset's, else 0.875 below 384 px and 1.0 at 384 px and above).
         overwrite: replace an existing output.
+
+    The output appears complete or not at all: an existing one is replaced only when the new one
+    is finished. On SIGTERM/SIGINT while a child process exports, the child is killed and waited
+    for, the temporary files are removed, and then the signal takes its usual course.
     """
     import keras
 
-    _check_format(format)
-    if not isinstance(version, int) or version < 1:
-        raise ValueError(f"`version` must be a positive integer. Received: version={version!r}")
+    _check_arguments(format, version, image_size, crop_pct)
     path = os.fspath(path)
     target = os.path.join(path, str(version)) if format == "saved_model" else path
-    if os.path.exists(target) and not overwrite:
-        raise ValueError(f"The output exists; pass overwrite=True (--overwrite) to replace it. Received: path={target!r}")
+    _check_free(target, overwrite)
     model, preset = _load_model(model)
     _check_classifier(model)
-    size = _resolve_size(model, image_size)
+    size = int(_resolve_size(model, image_size))
     if crop_pct is None:
         crop_pct = preset.crop_pct if preset else (1.0 if size >= 384 else 0.875)
+    crop_pct = float(crop_pct)  # a NumPy scalar would not pass to the child as JSON
     backend = BACKEND_FOR[format]
-    if keras.backend.backend() == backend:
-        return _export_here(model, path, format, version, size, crop_pct, overwrite)
-    with tempfile.TemporaryDirectory() as tmp:
-        saved = os.path.join(tmp, "model.keras")
-        model.save(saved)
-        args = {"model": saved, "path": path, "format": format, "version": version, "image_size": size,
-                "crop_pct": crop_pct, "overwrite": overwrite}
-        env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
-        done = subprocess.run([sys.executable, "-m", "keras_convnext.export", json.dumps(args)],
-                              env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        tail = "\n".join(done.stderr.strip().splitlines()[-5:])
-        raise RuntimeError(f"Export to {format} in a {backend} process failed:\n{tail}")
+    interrupted = None
+    try:
+        with files.atomic_path(target, directory=format == "saved_model") as out, _scratch(out) as scratch:
+            if keras.backend.backend() == backend:
+                _write(model, out, format, size, crop_pct, scratch)
+            else:
+                _write_in_child(model, out, format, size, crop_pct, scratch, backend)
+            _check_free(target, overwrite)  # another export may have finished first
+    except _Interrupted as e:
+        interrupted = e
+    if interrupted:  # the child is reaped and the temporary files are gone by now
+        interrupted.resume()
     return target
 
 
-def _worker(args):
-    model, _ = _load_model(args.pop("model"))
-    return export(model, **args)
+def _scratch(out):
+    """A work folder beside the output, named for this process so that `files.clean_leftovers` removes it
+    if the process is killed."""
+    return tempfile.TemporaryDirectory(dir=os.path.dirname(out), prefix=files.partial_name("work"))
 
 
-if __name__ == "__main__":
-    print(_worker(json.loads(sys.argv[1])))
+def _write_in_child(model, out, format, size, crop_pct, scratch, backend):
+    """`_write` in a child process of `backend`, from the model saved in `scratch`."""
+    saved = os.path.join(scratch, "model.keras")
+    model.save(saved)
+    args = {"model": saved, "out": out, "format": format, "size": size, "crop_pct": crop_pct, "scratch": scratch}
+    log = os.path.join(scratch, "child.log")
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+    returncode = _run_child([sys.executable, "-c", _CHILD, str(os.getpid()), json.dumps(args)], env, log)
+    if returncode != 0:
+        with open(log, errors="replace") as f:
+            tail = "\n".join(f.read().strip().splitlines()[-5:])
+        if returncode < 0:
+            tail = f"killed by {signal.Signals(-returncode).name}\n{tail}".strip()
+        raise RuntimeError(f"Export to {format} in a {backend} process failed:\n{tail}")
+
+
+# The child runs as `python -c`, not `-m keras_convnext.export`: `-m` imports the package (and Keras,
+# seconds) before any line of ours, and the child must ask to die with its parent first.
+_CHILD = """import os, sys
+parent = int(sys.argv[1])
+dies_with_parent = False
+if sys.platform.startswith("linux"):
+    import ctypes
+    dies_with_parent = ctypes.CDLL(None, use_errno=True).prctl(1, 9) == 0  # PR_SET_PDEATHSIG, SIGKILL
+if os.getppid() != parent:  # the parent died before prctl: no signal would come
+    sys.exit("keras_convnext export: the parent process is gone")
+from keras_convnext.export import _child
+_child(parent, sys.argv[2], watch=not dies_with_parent)
+"""
+
+
+def _child(parent, args, watch):
+    """The child's side: writes where the parent said, and nothing else (the parent renames)."""
+    if watch:
+        threading.Thread(target=_watch_parent, args=(parent,), daemon=True, name="export-watchdog").start()
+    args = json.loads(args)
+    model, _ = _load_model(args["model"])
+    _write(model, args["out"], args["format"], args["size"], args["crop_pct"], args["scratch"])
+
+
+def _watch_parent(parent, every=0.5):
+    """Where there is no PR_SET_PDEATHSIG: an orphan is re-parented, so a new parent pid means ours died."""
+    while os.getppid() == parent:
+        time.sleep(every)
+    os._exit(1)
+
+
+class _Interrupted(BaseException):
+    """SIGTERM/SIGINT while a child exports: raised so that the cleanup runs; `resume` then re-delivers it."""
+
+    def __init__(self, signum, frame):
+        super().__init__(signum)
+        self.signum, self.frame = signum, frame
+
+    def resume(self):
+        handler = signal.getsignal(self.signum)  # the caller's own, restored by now
+        if callable(handler):
+            handler(self.signum, self.frame)  # SIGINT's default raises KeyboardInterrupt
+        else:
+            os.kill(os.getpid(), self.signum)  # SIG_DFL: end as the signal would have
+        raise RuntimeError(f"Export interrupted by {signal.Signals(self.signum).name}")
+
+
+def _run_child(command, env, log):
+    """Runs `command` to its end and returns its exit status; the child never outlives this call.
+
+    On SIGTERM/SIGINT (main thread only) or any exception, the child is killed and waited for first.
+    """
+    state = {"armed": True, "pending": None}
+
+    def on_signal(signum, frame):
+        if state["armed"]:
+            state["armed"] = False
+            raise _Interrupted(signum, frame)
+        state["pending"] = state["pending"] or signum  # the child had ended: sent again once it is reaped
+
+    previous, child = {}, None
+    stderr = open(log, "wb")
+    try:
+        child = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                 stderr=stderr)
+        _install(on_signal, previous)
+        return child.wait()
+    finally:
+        try:
+            state["armed"] = False  # from here a signal only waits for the cleanup below
+        finally:
+            if child is not None:
+                if child.poll() is None:
+                    child.kill()
+                child.wait()
+            stderr.close()
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            if state["pending"]:
+                os.kill(os.getpid(), state["pending"])
+
+
+def _install(handler, previous):
+    """Sets `handler` for SIGTERM and SIGINT, recording the old ones in `previous`; only the main thread can,
+    and a signal the caller ignores stays ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        old = signal.getsignal(signum)
+        if old in (signal.SIG_IGN, None):  # None: set outside Python, cannot be restored
+            continue
+        previous[signum] = old  # first, so that a signal right after the next line finds it
+        try:
+            signal.signal(signum, handler)
+        except ValueError:  # not the main interpreter
+            del previous[signum]
+            return

@@ -106,7 +106,27 @@ def atomic_path(path, directory=False):
             os.remove(tmp)
 
 
+def _exchange(a, b):
+    """Swaps two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the system has no such call."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
 def _replace_dir(new, target):
+    # An existing folder is swapped with the new one in one step where the system can (a kill at any
+    # instant leaves the old or the new version in place); `new` then holds the old one, removed by the caller.
+    if os.path.isdir(target) and not os.path.islink(target) and _exchange(new, target):
+        return
     old = None
     if os.path.lexists(target):
         old = tempfile.mkdtemp(dir=os.path.dirname(target), prefix=partial_name("old"))

@@ -3,8 +3,10 @@
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import keras
 import numpy as np
@@ -176,7 +178,157 @@ def test_cli_export_version_and_overwrite(exported, tmp_path):
     assert done.returncode == 0, done.stderr[-1500:]
     assert f"wrote {tmp_path / 'serving' / '3'}" in done.stdout
     again = run("--format", "saved_model", "--version", "3")
-    assert again.returncode == 1 and "--overwrite" in again.stderr
+    assert again.returncode != 0 and "--overwrite" in again.stderr
     replaced = run("--format", "saved_model", "--version", "3", "--overwrite")
     assert replaced.returncode == 0, replaced.stderr[-1500:]
     assert sorted(os.listdir(tmp_path / "serving")) == ["3"]  # nothing half-written or left aside
+
+
+def test_arguments_are_checked_before_any_work(tmp_path, capsys):
+    from keras_convnext.cli import main
+
+    (tmp_path / "serving" / "1").mkdir(parents=True)  # would fail later, as an existing output
+    bad = [(dict(format="tflite"), "format='tflite'"),
+           (dict(version=0), "version=0"), (dict(version=True), "version=True"), (dict(version=1.0), "version=1.0"),
+           (dict(image_size=16), "image_size=16"), (dict(image_size=True), "image_size=True"),
+           (dict(image_size=64.0), "image_size=64.0"), (dict(image_size="64"), "image_size='64'"),
+           (dict(crop_pct=0), "crop_pct=0"), (dict(crop_pct=1.5), "crop_pct=1.5"), (dict(crop_pct=-0.5), "crop_pct=-0.5"),
+           (dict(crop_pct=float("nan")), "crop_pct=nan"), (dict(crop_pct=True), "crop_pct=True"),
+           (dict(crop_pct="0.9"), "crop_pct='0.9'")]
+    for kwargs, received in bad:
+        with pytest.raises(ValueError) as e:
+            kc.export("nowhere.keras", str(tmp_path / "serving"), **kwargs)  # the model is never looked for
+        message = str(e.value)
+        assert message.endswith(f"Received: {received}") and "\n" not in message, (kwargs, message)
+    with pytest.raises(SystemExit) as e:
+        main(["export", "nowhere.keras", str(tmp_path / "serving"), "--format", "saved_model", "--crop-pct", "0"])
+    assert e.value.code not in (0, None)
+    assert "must be a number in (0, 1], or None. Received: crop_pct=0.0" in capsys.readouterr().err
+    assert os.listdir(tmp_path / "serving") == ["1"]
+
+
+def test_a_failed_child_leaves_nothing_behind(tmp_path):
+    # The child cannot rebuild a Lambda layer (safe_mode), so it fails after the parent saved the model.
+    inputs = keras.Input((32, 32, 3))
+    x = keras.layers.Lambda(lambda t: t * 2.0)(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(x))
+    format, out = ("onnx", tmp_path / "out" / "m.onnx") if keras.backend.backend() == "tensorflow" else (
+        "saved_model", tmp_path / "out")
+    with pytest.raises(RuntimeError, match=r"Export to \w+ in a (torch|tensorflow) process failed:\n(.|\n)*Lambda"):
+        kc.export(model, str(out), format=format)
+    assert os.listdir(tmp_path / "out") == []
+
+
+# A cross-backend export run in its own process, for a test to kill: the parent runs on JAX, so
+# "saved_model" spawns a TensorFlow child.
+EXPORT_TO_KILL = r"""
+import json, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a background job may start with SIGINT ignored
+import keras_convnext as kc
+tiny = json.loads(sys.argv[2])
+model = kc.ConvNeXt(tiny["depths"], tiny["dims"], weights=None, input_shape=(32, 32, 3), classes=5)
+kc.export(model, sys.argv[1], format="saved_model", overwrite=True)
+"""
+
+
+def start_export(out, log):
+    env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3")
+    with open(log, "wb") as stderr:
+        return subprocess.Popen([sys.executable, "-c", EXPORT_TO_KILL, str(out), json.dumps(TINY)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=stderr)
+
+
+def processes_naming(text, but=()):
+    """Live processes whose command line contains `text` (a zombie's reads empty)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if text.encode() in f.read() and int(pid) not in but:
+                    found.append(int(pid))
+        except OSError:  # ended meanwhile
+            pass
+    return found
+
+
+def wait_for_child(parent, out, log, timeout=180):
+    """The pid of the export's child process, once it runs; the seconds it took to appear."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        children = processes_naming(str(out), but=(parent.pid,))
+        if children:
+            return children[0], time.monotonic() - start
+        assert parent.poll() is None, f"the export ended ({parent.returncode}) before its child ran: {log.read_text()[-2000:]}"
+        time.sleep(0.05)
+    raise AssertionError(f"no child process after {timeout} s")
+
+
+def wait_until_gone(out, timeout=15):
+    deadline = time.monotonic() + timeout
+    while processes_naming(str(out)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return processes_naming(str(out))
+
+
+def old_version(out):
+    """A stand-in for the live `OUT/1/` (the test is about it being left alone); returns its contents."""
+    (out / "1" / "variables").mkdir(parents=True)
+    (out / "1" / "saved_model.pb").write_bytes(b"the live version")
+    (out / "1" / "variables" / "variables.index").write_bytes(b"its weights")
+    return contents(out / "1")
+
+
+def contents(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_export_killed_at_random_points_keeps_the_live_version_and_leaves_no_orphan(tmp_path):
+    out = tmp_path / "killed-serving"
+    before = old_version(out)
+    rng = np.random.default_rng(7)
+    appeared = None
+    for attempt in range(3):
+        log = tmp_path / f"export-{attempt}.log"
+        parent = start_export(out, log)
+        if appeared is None:  # first: while the child exports, at a random moment of its first seconds
+            child, appeared = wait_for_child(parent, out, log)
+            # The model travels through the output's folder, under a name the parent owns.
+            assert list(out.glob(f".partial-{parent.pid}-work*/model.keras")), os.listdir(out)
+            time.sleep(rng.uniform(0, 3))
+            assert os.path.exists(f"/proc/{child}") and parent.poll() is None, "the child ended before the kill"
+        else:  # then at random from the start: while the parent saves the model, spawns the child, or it runs
+            time.sleep(rng.uniform(0.5 * appeared, appeared + 3))
+            assert parent.poll() is None, f"the export ended before the kill: {log.read_text()[-2000:]}"
+        parent.kill()
+        parent.wait()
+        assert wait_until_gone(out) == [], "an export process outlived its parent"
+        assert contents(out / "1") == before
+    assert any(name.startswith(".partial-") for name in os.listdir(out))  # the first kill left its files
+    # The next export removes them, and replaces the live version with a complete one.
+    kc.export(sensitive_model(), str(out), overwrite=True)
+    assert sorted(os.listdir(out)) == ["1"]
+    assert os.path.isfile(out / "1" / "saved_model.pb") and contents(out / "1") != before
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert os.stat(out / "1").st_mode & 0o777 == 0o777 & ~umask
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signalled_export_kills_its_child_and_cleans_up(tmp_path, signum):
+    out = tmp_path / f"signalled-serving-{signum}"
+    before = old_version(out)
+    log = tmp_path / "export.log"
+    parent = start_export(out, log)
+    child, _ = wait_for_child(parent, out, log)
+    time.sleep(np.random.default_rng(signum).uniform(0, 2))
+    parent.send_signal(signum)
+    returncode = parent.wait(timeout=60)
+    # The parent waited for its child: nothing is left to wait for, at once.
+    assert processes_naming(str(out)) == []
+    assert not os.path.exists(f"/proc/{child}")
+    # Then it ended as it would have without the export (Python exits from a KeyboardInterrupt by SIGINT).
+    assert returncode == -signum
+    assert (signum == signal.SIGINT) == ("KeyboardInterrupt" in log.read_text())
+    assert sorted(os.listdir(out)) == ["1"]  # its temporary files were removed before
+    assert contents(out / "1") == before

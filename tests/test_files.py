@@ -56,6 +56,16 @@ def test_a_folder_is_replaced_whole(tmp_path):
     assert os.listdir(tmp_path) == ["1"]
 
 
+def test_folders_are_swapped_in_one_step_on_linux(tmp_path):
+    if not sys.platform.startswith("linux"):
+        pytest.skip("renameat2 is Linux's")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "from_a").touch()
+    assert files._exchange(tmp_path / "a", tmp_path / "b")
+    assert os.listdir(tmp_path / "b") == ["from_a"] and os.listdir(tmp_path / "a") == []
+
+
 def test_leftovers_of_a_killed_writer_are_cleaned_and_a_live_writers_are_not(tmp_path):
     script = (
         "import sys, time\n"
