@@ -16,6 +16,8 @@ from keras_convnext.model import (
     feature_pyramid,
 )
 from keras_convnext.preprocessing import (
+    ImageReadError,
+    decode_image_bytes,
     decode_predictions,
     eval_transform,
     imagenet_classes,

@@ -78,7 +78,8 @@ def _cmd_train(args):
     result = train(args.data, args.out, variant=args.variant, recipe=args.recipe, preset=args.preset,
                    image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                    val_dir=args.val_dir, val_split=args.val_split, seed=args.seed,
-                   verbose=2 if args.quiet else "auto", **_parse_set(args.set))
+                   verbose=2 if args.quiet else "auto", skip_bad_images=args.skip_bad_images,
+                   restart=args.restart, **_parse_set(args.set))
     if args.json:
         print(json.dumps(result))
         return
@@ -156,6 +157,10 @@ def build_parser():
                    help="override any recipe field, e.g. --set mixup=0.0 --set ema_momentum=None")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, metavar="OUT")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="leave out images that cannot be read, with a warning naming them (default: stop and name them)")
+    p.add_argument("--restart", action="store_true",
+                   help="start over: remove OUT/backup instead of resuming from it")
     p.add_argument("--quiet", action="store_true", help="one line per epoch instead of a progress bar")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=_cmd_train)

@@ -3,15 +3,23 @@
 tf.data feeds every backend; the augmentations are Keras 3's own preprocessing layers
 (`RandAugment`, `RandomColorJitter`, `RandomErasing`, `MixUp`, `CutMix`), which run inside
 tf.data whatever the backend. Images stay raw [0, 255] pixels: the model normalises them.
+Image files are decoded by `preprocessing.decode_image_bytes`, the decoder `predict` uses, so
+training sees the pixels prediction will; `check_images` reads each one before training starts.
 """
 
+import concurrent.futures
 import math
 import os
+import warnings
 
 import numpy as np
 
+from keras_convnext.preprocessing import ImageReadError, decode_image_bytes, max_image_pixels
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 CACHE_MAX_FILES = 10_000  # small sets keep their encoded bytes in memory after the first epoch
+PROGRESS_MIN_FILES = 1000  # checking more images than this shows a progress bar
+NAMED_MAX = 3  # unreadable files named in an error; the rest are counted
 
 
 def image_folder(directory):
@@ -59,6 +67,62 @@ def image_folder(directory):
         paths += [os.path.join(folder, f) for f in files]
         labels += [label] * len(files)
     return paths, labels, class_names
+
+
+def check_images(paths, labels, class_names, skip_bad_images=False, verbose=1, data=None):
+    """Decodes every image once (threads), so that an unreadable file stops nothing mid-epoch.
+
+    Raises a ValueError naming the unreadable files (the first few, and a count) unless
+    `skip_bad_images`, which drops them with a warning naming them instead. Shows a
+    `keras.utils.Progbar` (`verbose` 1 or 2) for more than `PROGRESS_MIN_FILES` files.
+
+    Returns:
+        (paths, labels, skipped): the readable files, and [(path, reason)] of those dropped.
+    """
+    paths, labels = list(paths), list(labels)
+    progress = None
+    if verbose and len(paths) > PROGRESS_MIN_FILES:
+        import keras
+
+        print(f"Reading {len(paths)} images once, to find any that cannot be read", flush=True)
+        progress = keras.utils.Progbar(len(paths), verbose=verbose, unit_name="image")
+    reasons = []
+    # PIL decodes outside the GIL: threads decode in parallel.
+    with concurrent.futures.ThreadPoolExecutor() as pool:
+        for i, reason in enumerate(pool.map(_unreadable, paths), 1):
+            reasons.append(reason)
+            if progress is not None and (i % 64 == 0 or i == len(paths)):
+                progress.update(i)
+    bad = [(p, r) for p, r in zip(paths, reasons) if r is not None]
+    if not bad:
+        return paths, labels, []
+    if not skip_bad_images:
+        raise ValueError(
+            f"{len(bad)} of {len(paths)} images cannot be read: {_name_files(bad, NAMED_MAX)}. Remove them, or "
+            f"pass skip_bad_images=True (--skip-bad-images) to train without them. Received: data={data!r}"
+        )
+    warnings.warn(f"Skipping {len(bad)} of {len(paths)} images, which cannot be read: {_name_files(bad, 20)}.",
+                  stacklevel=2)
+    keep = [i for i, r in enumerate(reasons) if r is None]
+    paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
+    for label, name in enumerate(class_names):
+        if label not in labels:
+            raise ValueError(f"Class folder {name!r} has no readable images. Received: data={data!r}")
+    return paths, labels, bad
+
+
+def _unreadable(path):
+    """Why `path` cannot be decoded, or None when it can."""
+    try:
+        decode_image_bytes(path)
+    except ImageReadError as e:
+        return e.reason
+    return None
+
+
+def _name_files(bad, limit):
+    named = ", ".join(f"{p!r} ({r})" for p, r in bad[:limit])
+    return named + (f" and {len(bad) - limit} more" if len(bad) > limit else "")
 
 
 def split_files(paths, labels, fraction, seed=0):
@@ -116,17 +180,149 @@ def tfds_splits(name, val_split=None):
     return "train[:90%]", "train[90%:]"
 
 
-def decode_image(data):
-    """JPEG/PNG/BMP/GIF bytes -> uint8 (H, W, 3), decoding JPEG as PIL does (the accurate IDCT)."""
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def decode_image(data, max_pixels=None):
+    """Encoded bytes -> uint8 (H, W, 3), as TensorFlow graph ops: the SavedModel bytes signature's decoder.
+
+    Pure graph ops, so that it serialises; training and `predict` decode with PIL
+    (`preprocessing.decode_image_bytes`), and this gives exactly the same pixels on what it takes:
+      * PNG, 1 to 16 bits: gray, gray + alpha, RGB, RGBA, palette (with or without transparency),
+        an animated PNG's default image; 16-bit levels keep their top 8 bits (v >> 8);
+      * JPEG, RGB and grayscale (the accurate integer IDCT, as PIL); CMYK JPEG is taken, but TF
+        rounds its CMYK -> RGB down where PIL rounds to nearest: within one level;
+      * GIF, the first frame, transparent pixels as their palette colour (PIL's convert);
+      * BMP, uncompressed 8-bit palette, 24- and 32-bit.
+    Anything else (TIFF, WebP, 1- and 4-bit or RLE BMP) fails with an InvalidArgumentError, as
+    does a header declaring more pixels than `max_pixels` (default: `max_image_pixels()` when
+    traced), before any pixel is decoded.
+    """
     import tensorflow as tf
 
-    image = tf.cond(
-        tf.io.is_jpeg(data),
-        lambda: tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE"),
-        lambda: tf.io.decode_image(data, channels=3, expand_animations=False),
-    )
+    limit = max_image_pixels() if max_pixels is None else max_pixels
+    head = tf.cast(tf.io.decode_raw(tf.strings.substr(data, 0, 64), tf.uint8), tf.int64)
+    head = tf.pad(head, [[0, 64 - tf.size(head)]])  # short (damaged) data reads as zeros
+
+    def le(offset, size):  # little-endian unsigned integer in the header
+        return sum(head[offset + i] * 256 ** i for i in range(size))
+
+    def be(offset, size):
+        return sum(head[offset + i] * 256 ** (size - 1 - i) for i in range(size))
+
+    def bounded(pixels, decode):
+        if limit is None:
+            return decode
+
+        def checked():
+            check = tf.debugging.assert_less_equal(
+                pixels, tf.constant(limit, tf.int64),
+                message=f"The image declares more than {limit} pixels (a decompression bomb?); not decoded")
+            with tf.control_dependencies([check]):
+                return tf.identity(decode())
+        return checked
+
+    def png():
+        # dtype=uint16 decodes 16-bit PNGs at full depth (8-bit ones come scaled by 257): >> 8 is PIL's 8 bits.
+        image = tf.io.decode_png(data, channels=3, dtype=tf.uint16)
+        return tf.cast(tf.bitwise.right_shift(image, 8), tf.uint8)
+
+    def jpeg():
+        return tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE")
+
+    def gif():
+        return tf.io.decode_image(_gif_without_transparency(data), channels=3, expand_animations=False)
+
+    def bmp():
+        return _decode_bmp(data, le)
+
+    def unknown():
+        check = tf.debugging.Assert(False, ["Not a JPEG, PNG, GIF or BMP image: the bytes signature decodes "
+                                            "only these (TIFF, WebP and others go through predict)"])
+        with tf.control_dependencies([check]):
+            return tf.zeros([0, 0, 3], tf.uint8)
+
+    def jpeg_pixels():
+        shape = tf.cast(tf.io.extract_jpeg_shape(data), tf.int64)
+        return shape[0] * shape[1]
+
+    is_jpeg = tf.io.is_jpeg(data)
+    image = tf.case([
+        (is_jpeg, bounded(tf.cond(is_jpeg, jpeg_pixels, lambda: tf.constant(0, tf.int64)), jpeg)),
+        (tf.equal(tf.strings.substr(data, 0, 8), _PNG_SIGNATURE), bounded(be(16, 4) * be(20, 4), png)),
+        (tf.equal(tf.strings.substr(data, 0, 3), b"GIF"), bounded(le(6, 2) * le(8, 2), gif)),
+        # BMP heights are signed (negative: rows stored top-down).
+        (tf.equal(tf.strings.substr(data, 0, 2), b"BM"),
+         bounded(le(18, 4) * tf.abs(le(22, 4) - tf.where(le(22, 4) >= 2 ** 31, 2 ** 32, 0)), bmp)),
+    ], default=unknown, exclusive=False)
     image.set_shape([None, None, 3])
     return image
+
+
+def _gif_without_transparency(data):
+    """GIF bytes with the first frame's transparency flag cleared.
+
+    TensorFlow paints a first frame's transparent pixels black; PIL's convert("RGB") shows their
+    palette colour. The flag sits in the Graphic Control Extension before the first image, found
+    by walking the blocks that follow the header and global palette.
+    """
+    import tensorflow as tf
+
+    b = tf.cast(tf.io.decode_raw(data, tf.uint8), tf.int32)
+    n = tf.size(b)
+
+    def at(i):
+        return tf.where(i < n, tf.gather(b, tf.clip_by_value(i, 0, n - 1)), 0)
+
+    packed = at(10)
+    start = 13 + tf.where(packed >= 128, 3 * tf.bitwise.left_shift(2, packed % 8), 0)  # after the global palette
+
+    def extension(pos, flag):
+        flag = tf.where(tf.equal(at(pos + 1), 0xF9), pos + 3, flag)  # 0x21 0xF9 size <packed>: bit 0 is the flag
+        # Over the data sub-blocks, <size> <bytes>, to the 0 that ends them.
+        (end,) = tf.while_loop(lambda p: (p < n) & tf.not_equal(at(p), 0), lambda p: (p + at(p) + 1,), (pos + 2,))
+        return end + 1, flag
+
+    _, flag = tf.while_loop(lambda pos, flag: (pos < n) & tf.equal(at(pos), 0x21), extension,
+                            [start, tf.constant(-1)])
+
+    def cleared():
+        byte = tf.gather(tf.constant([bytes([i]) for i in range(256)]), tf.bitwise.bitwise_and(at(flag), 0xFE))
+        return tf.strings.join([tf.strings.substr(data, 0, flag), byte, tf.strings.substr(data, flag + 1, -1)])
+
+    return tf.cond(flag >= 0, cleared, lambda: data)
+
+
+def _decode_bmp(data, le):
+    """Uncompressed BMP -> RGB; 8-bit ones through their palette (TensorFlow returns the indices)."""
+    import tensorflow as tf
+
+    # BI_RGB, or BI_BITFIELDS (32-bit BMPs in the usual BGRA layout); TensorFlow cannot undo RLE.
+    compression = le(30, 4)
+    check = tf.debugging.Assert(tf.equal(compression, 0) | tf.equal(compression, 3),
+                                ["A compressed (RLE) BMP: the bytes signature decodes uncompressed ones"])
+    with tf.control_dependencies([check]):
+        image = tf.io.decode_bmp(data, channels=0)  # (H, W, 1 | 3 | 4)
+
+    def paletted():
+        # The palette follows the 14-byte file header and the DIB header: BGRX entries.
+        count = tf.where((le(46, 4) > 0) & (le(46, 4) <= 256), le(46, 4), 256)
+        entries = tf.io.decode_raw(tf.strings.substr(data, 14 + le(14, 4), 4 * count), tf.uint8)
+        entries = tf.reshape(tf.pad(entries, [[0, 1024 - tf.size(entries)]]), [256, 4])
+        return tf.gather(tf.reverse(entries[:, :3], axis=[1]), tf.cast(image[..., 0], tf.int32))
+
+    return tf.cond(tf.equal(le(28, 2), 8), paletted, lambda: image[..., :3])
+
+
+def _decode_file(data, path):
+    """`decode_image_bytes` inside tf.data, errors naming `path`."""
+    import tensorflow as tf
+
+    def decode(data, path):
+        return decode_image_bytes(data, path=path.decode("utf-8", "replace"))
+
+    image = tf.numpy_function(decode, [data, path], tf.uint8, stateful=False)
+    return tf.ensure_shape(image, [None, None, 3])
 
 
 def _rgb(image):
@@ -149,12 +345,12 @@ def _elements(source, shuffle, seed):
                       num_parallel_calls=tf.data.AUTOTUNE)
     paths, labels = source
     ds = tf.data.Dataset.from_tensor_slices((list(paths), np.asarray(labels, "int32")))
-    ds = ds.map(lambda p, y: (tf.io.read_file(p), y), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(lambda p, y: (tf.io.read_file(p), p, y), num_parallel_calls=tf.data.AUTOTUNE)
     if len(paths) <= CACHE_MAX_FILES:
         ds = ds.cache()
     if shuffle:
         ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
-    return ds.map(lambda data, y: (decode_image(data), y), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.map(lambda data, p, y: (_decode_file(data, p), y), num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def random_resized_crop(image, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpolation="bicubic"):

@@ -1,11 +1,16 @@
 """Input side: pixel normalisation, timm's evaluation transform, and ImageNet class names."""
 
 import functools
+import io
 import math
 import os
+import re
+import threading
+import warnings
 
 import numpy as np
 
+from keras_convnext import checks
 from keras_convnext import presets as presets_lib
 
 _INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos")
@@ -35,24 +40,28 @@ def eval_transform(image, image_size=None, crop_pct=None, interpolation=None, cr
     `preset` (a name or `Preset`) unless given; the default is the 224 px ImageNet recipe.
 
     Args:
-        image: a PIL image, a file path, or an (H, W, 3) uint8 array.
+        image: a PIL image (any mode), a file path, encoded bytes, or an (H, W, 3) uint8 array.
+            Files, bytes and PIL images go through `decode_image_bytes`'s conversion to RGB.
     """
     from PIL import Image
 
     if isinstance(preset, str):
         preset = presets_lib.get_preset(preset)
-    image_size = image_size or (preset.image_size if preset else 224)
-    crop_pct = crop_pct or (preset.crop_pct if preset else 0.875)
-    interpolation = interpolation or (preset.interpolation if preset else "bicubic")
-    crop_mode = crop_mode or (preset.crop_mode if preset else "center")
-    if interpolation not in _INTERPOLATIONS:
-        raise ValueError(
-            f"`interpolation` must be one of {_INTERPOLATIONS}. Received: interpolation={interpolation!r}"
-        )
-    if crop_mode not in ("center", "squash"):
-        raise ValueError(f"`crop_mode` must be 'center' or 'squash'. Received: crop_mode={crop_mode!r}")
-    if not 0.0 < crop_pct <= 1.0:
-        raise ValueError(f"`crop_pct` must be in (0, 1]. Received: crop_pct={crop_pct}")
+    elif preset is not None and not isinstance(preset, presets_lib.Preset):
+        raise ValueError(f"`preset` must be a preset name or a `Preset`. Received: preset={preset!r}")
+    # None means "the preset's, else the 224 px recipe's"; any other value is checked, 0 included.
+    if image_size is None:
+        image_size = preset.image_size if preset else 224
+    if crop_pct is None:
+        crop_pct = preset.crop_pct if preset else 0.875
+    if interpolation is None:
+        interpolation = preset.interpolation if preset else "bicubic"
+    if crop_mode is None:
+        crop_mode = preset.crop_mode if preset else "center"
+    checks.integer("image_size", image_size, minimum=1)
+    checks.number("crop_pct", crop_pct, 0.0, 1.0, low_open=True)
+    checks.choice("interpolation", interpolation, _INTERPOLATIONS)
+    checks.choice("crop_mode", crop_mode, ("center", "squash"))
 
     image = _to_pil(image)
     resample = getattr(Image.Resampling, interpolation.upper())
@@ -74,30 +83,134 @@ def eval_transform(image, image_size=None, crop_pct=None, interpolation=None, cr
 
 
 def load_image(path, image_size=None, crop_pct=None, interpolation=None, crop_mode=None, preset=None):
-    """Reads an image file and applies `eval_transform`; returns uint8 (size, size, 3)."""
+    """Reads an image file (`decode_image_bytes`) and applies `eval_transform`; returns uint8 (size, size, 3)."""
     if not os.path.isfile(path):
         raise ValueError(f"No image file at this path. Received: path={path!r}")
     return eval_transform(path, image_size, crop_pct, interpolation, crop_mode, preset)
 
 
 def _to_pil(image):
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    if isinstance(image, (str, os.PathLike)):
-        try:
-            with Image.open(image) as opened:
-                return opened.convert("RGB")
-        except (UnidentifiedImageError, OSError) as e:
-            raise ValueError(f"Cannot read an image from this file ({e}). Received: path={os.fspath(image)!r}") from e
+        return _rgb_image(image)
+    if isinstance(image, (str, os.PathLike, bytes, bytearray, memoryview)):
+        return Image.fromarray(decode_image_bytes(image))
     array = np.asarray(image)
     if array.ndim != 3 or array.shape[-1] != 3 or array.dtype != np.uint8:
         raise ValueError(
-            "`image` must be a PIL image, a file path or an (H, W, 3) uint8 array. "
+            "`image` must be a PIL image, a file path, encoded bytes or an (H, W, 3) uint8 array. "
             f"Received: image with shape={array.shape}, dtype={array.dtype}"
         )
     return Image.fromarray(array)
+
+
+class ImageReadError(ValueError):
+    """An image file or bytes that cannot be decoded; `path` names it, `reason` says why in a few words."""
+
+    def __init__(self, path, reason):
+        self.path, self.reason = path, reason
+        if path is None:
+            super().__init__(f"Cannot read an image from these bytes ({reason}). Received: image bytes")
+        else:
+            super().__init__(f"Cannot read an image from this file ({reason}). Received: path={path!r}")
+
+
+def max_image_pixels():
+    """The decompression-bomb bound: PIL's `Image.MAX_IMAGE_PIXELS` (89.5 M by default; None: no bound).
+
+    Read at each call, so that raising PIL's own knob raises it here and in the TF decoder too.
+    """
+    from PIL import Image
+
+    return Image.MAX_IMAGE_PIXELS
+
+
+# PIL warns of a decompression bomb from inside `Image.open`; the check after it says the same
+# with the file's name. Silencing that warning changes the process's warning filters, so one
+# thread at a time (an open reads only the header: the lock is held for microseconds).
+_OPEN_LOCK = threading.Lock()
+
+
+def _open(source, path):
+    """`Image.open` on a path or bytes, refusing more pixels than `max_image_pixels()` before decoding."""
+    from PIL import Image, UnidentifiedImageError
+
+    limit = max_image_pixels()
+    bomb = "a decompression bomb? PIL.Image.MAX_IMAGE_PIXELS sets the bound"
+    try:
+        with _OPEN_LOCK, warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source)
+    except Image.DecompressionBombError as e:
+        # PIL refuses twice its bound outright, before this check; only its message holds the size.
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        pixels = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
+        raise ImageReadError(path, f"{pixels}, more than the {limit:,} allowed: {bomb}") from e
+    except UnidentifiedImageError as e:
+        raise ImageReadError(path, "not an image format PIL knows, or a damaged header") from e
+    except Exception as e:  # a damaged header surfaces as any of OSError, SyntaxError, struct.error, ...
+        raise ImageReadError(path, _reason(e)) from e
+    width, height = image.size
+    if limit is not None and width * height > limit:
+        image.close()
+        raise ImageReadError(path, f"{width}x{height} = {width * height:,} pixels, more than the {limit:,} "
+                                   f"allowed: {bomb}")
+    return image
+
+
+def _reason(error):
+    return f"{type(error).__name__}: {error}".replace("\n", " ")
+
+
+def _rgb_image(image):
+    """A PIL image of any mode -> RGB: PIL's `convert("RGB")`, except for 16- and 32-bit grayscale.
+
+    PIL clips I;16 and I to 255 (a 16-bit gray PNG turns white); here they keep their top 8 bits,
+    v >> 8, which is what PIL itself does to a 16-bit RGB PNG (it opens as 8-bit RGB). Mode I
+    holds 16-bit levels (PIL's mode for 16-bit gray in TIFF and older PNG readers).
+    """
+    from PIL import Image
+
+    image.load()
+    if image.mode == "RGB":
+        return image
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        levels = np.clip(np.asarray(image), 0, 65535).astype(np.uint16) >> 8
+        return Image.fromarray(levels.astype(np.uint8)).convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        # The same palette colours; straight to RGB PIL warns about per-entry (bytes) transparency.
+        return image.convert("RGBA").convert("RGB")
+    return image.convert("RGB")
+
+
+def decode_image_bytes(source, path=None):
+    """Decodes an image file or its bytes to uint8 (H, W, 3) RGB: the one decoder of `load_image`,
+    `eval_transform`, `predict` and the training pipeline.
+
+    Any format PIL reads, every mode giving PIL's `convert("RGB")` pixels: grayscale replicated,
+    palettes looked up, alpha and transparency dropped, CMYK converted, an animation's first
+    frame. 16-bit images keep their top 8 bits (v >> 8), grayscale ones too (`_rgb_image`).
+    EXIF orientation is not applied, as in timm and Keras. `data.decode_image` is the TF graph
+    twin the SavedModel's bytes signature uses.
+
+    Args:
+        source: a file path, or the encoded bytes.
+        path: the name errors give for bytes (default: `source` when it is a path).
+
+    Raises:
+        ImageReadError (a ValueError) naming the file: damaged or truncated data, an unknown
+        format, or more pixels than `max_image_pixels()` (read from the header, before decoding).
+    """
+    if not isinstance(source, (bytes, bytearray, memoryview)):
+        source = os.fspath(source)
+        path = source if path is None else path
+    image = _open(source, path)
+    with image:
+        try:
+            return np.asarray(_rgb_image(image), dtype=np.uint8)
+        except Exception as e:  # truncated or damaged pixel data
+            raise ImageReadError(path, _reason(e)) from e
 
 
 @functools.cache

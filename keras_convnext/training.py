@@ -3,60 +3,123 @@
 `train` is what `keras-convnext train` runs: it builds the pipelines and the model, compiles with
 the recipe, fits with Keras's progress bar, resumes an interrupted run, and writes
 `OUT/model.keras` (the evaluated weights: the EMA when the recipe keeps one), `OUT/history.csv`,
-`OUT/curves.png` and `OUT/classes.json`.
+`OUT/curves.png` and `OUT/classes.json`. Every file is written aside and renamed into place
+(`files.atomic_path`).
 """
 
 import csv
 import json
 import os
 import shutil
-import tempfile
 import time
 
 import keras
 
+from keras_convnext import checks, files
 from keras_convnext import data as data_lib
 from keras_convnext import recipes as recipes_lib
 from keras_convnext.variants import VARIANTS, Variant
 
 BACKUP_DIR = "backup"
+BACKUP_METADATA = "training_metadata.json"
 
 
-class ResumableBackup(keras.callbacks.BackupAndRestore):
-    """`BackupAndRestore` whose backup survives a kill at any instant.
+class EpochBackup(keras.callbacks.Callback):
+    """Saves each epoch's weights and optimizer state (moments, step, EMA) so that a killed run resumes.
 
-    Keras's writes the weights and then the epoch in place, so a kill in between leaves a
-    half-written file or weights that do not match the epoch. Here each epoch's weights (with
-    the optimizer state: moments, step, EMA) go to a new file, renamed into place when complete,
-    and only then does the metadata, itself renamed into place, point at it.
+    The weights go to a new file, written aside and renamed into place; only then does the
+    metadata, itself renamed into place, point at it: a kill at any instant leaves the previous
+    epoch's backup or this one, never half of one. The metadata records the run's configuration
+    (`run_config`), which `read_backup` checks before `train` resumes; `train` removes the backup
+    once its outputs are written.
     """
 
-    def __init__(self, backup_dir):
-        super().__init__(backup_dir, save_freq="epoch", delete_checkpoint=True)
-        self.resumed_from = None
+    def __init__(self, backup_dir, config):
+        super().__init__()
+        self.backup_dir, self.config = backup_dir, config
 
-    def _load_model(self):
-        if not os.path.exists(self._training_metadata_path):
-            return
-        with open(self._training_metadata_path) as f:
-            meta = json.load(f)
-        if self.model.optimizer is not None and not self.model.optimizer.built:
-            self.model.optimizer.build(self.model.trainable_variables)
-        self.model.load_weights(os.path.join(self.backup_dir, meta["weights"]))
-        self.model._initial_epoch = meta["epoch"]
-        self.resumed_from = meta["epoch"]
-        print(f"Resuming from {self.backup_dir}: {meta['epoch']} epoch(s) done.", flush=True)
-
-    def _save_model(self):
-        os.makedirs(self.backup_dir, exist_ok=True)
-        name = f"epoch-{self._current_epoch}.weights.h5"
-        tmp = os.path.join(self.backup_dir, f".partial-{os.getpid()}.weights.h5")
-        self.model.save_weights(tmp, overwrite=True)
-        os.replace(tmp, os.path.join(self.backup_dir, name))
-        _write_atomic(self._training_metadata_path, json.dumps({"epoch": self._current_epoch, "weights": name}))
+    def on_epoch_end(self, epoch, logs=None):
+        done = epoch + 1
+        name = f"epoch-{done}.weights.h5"
+        with files.atomic_path(os.path.join(self.backup_dir, name)) as tmp:
+            self.model.save_weights(tmp)
+        meta = {"epoch": done, "weights": name, "config": self.config}
+        files.write_text(os.path.join(self.backup_dir, BACKUP_METADATA), json.dumps(meta, indent=1))
         for old in os.listdir(self.backup_dir):
             if old.startswith("epoch-") and old != name:
                 os.remove(os.path.join(self.backup_dir, old))
+
+
+def run_config(variant, classes, recipe):
+    """What a backup must share with the run that resumes it."""
+    return {"depths": list(variant.depths), "dims": list(variant.dims), "num_classes": len(classes),
+            "classes": list(classes), "image_size": recipe.image_size, "recipe": recipe.name,
+            "batch_size": recipe.batch_size}
+
+
+def read_backup(backup_dir, config):
+    """The metadata of the backup in `backup_dir` (None when there is none), checked against `config`.
+
+    Raises a ValueError naming both configurations when the backup is another run's, or saying
+    why it cannot be read; both say how to start over.
+    """
+    meta_path = os.path.join(backup_dir, BACKUP_METADATA)
+    if not os.path.exists(meta_path):
+        return None  # the metadata is the commit point: without it, no epoch was backed up whole
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+        epoch, weights, saved = meta["epoch"], meta["weights"], meta.get("config")
+        checks.integer("epoch", epoch, minimum=1)
+        if not isinstance(weights, str) or os.path.basename(weights) != weights:
+            raise ValueError(f"weights={weights!r} is not a file name")
+        from keras_convnext.checkpoints import check_hdf5
+
+        check_hdf5(os.path.join(backup_dir, weights))  # truncated, or reaching other files: refused
+    except Exception as e:  # a missing or truncated file, broken JSON, missing keys, wrong types
+        raise _unreadable_backup(backup_dir, e) from e
+    if saved != config:
+        differ = [k for k in config if not isinstance(saved, dict) or saved.get(k) != config[k]]
+        raise ValueError(
+            f"The backup in {backup_dir!r} is of another run (differing in {', '.join(differ)}): the backup has "
+            f"{_describe(saved)}; this run has {_describe(config)}. {_start_over(backup_dir)}"
+        )
+    return meta
+
+
+def _start_over(backup_dir):
+    return f"Pass restart=True (--restart) to start over, or delete {backup_dir!r}. Received: backup={backup_dir!r}"
+
+
+def _unreadable_backup(backup_dir, error):
+    reason = f"{type(error).__name__}: {error}".replace("\n", " ")
+    return ValueError(f"The backup of an interrupted run cannot be read ({reason}). {_start_over(backup_dir)}")
+
+
+def _describe(config):
+    if not isinstance(config, dict):
+        return "no recorded configuration (an older version wrote it)"
+
+    def short(value):
+        if isinstance(value, list) and len(value) > 6:
+            return f"[{', '.join(map(repr, value[:5]))}, ... ({len(value)})]"
+        return repr(value)
+
+    return ", ".join(f"{k}={short(v)}" for k, v in config.items())
+
+
+def _resume(model, backup_dir, meta, verbose):
+    """Loads a checked backup into the compiled `model`; returns the epochs it had done."""
+    # Loading the optimizer's state needs its variables: build them now, as fit would.
+    if not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)
+    try:
+        model.load_weights(os.path.join(backup_dir, meta["weights"]))
+    except Exception as e:  # a file HDF5 opens but Keras cannot load: other variables or shapes
+        raise _unreadable_backup(backup_dir, e) from e
+    if verbose:
+        print(f"Resuming from {backup_dir}: {meta['epoch']} epoch(s) done.", flush=True)
+    return meta["epoch"]
 
 
 class HistoryCSV(keras.callbacks.Callback):
@@ -80,7 +143,7 @@ class HistoryCSV(keras.callbacks.Callback):
         row.update({k: float(v) for k, v in (logs or {}).items()})
         self.rows.append(row)
         keys = list(dict.fromkeys(k for r in self.rows for k in r))
-        with _atomic_file(self.path, "w") as f:
+        with files.atomic_open(self.path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=keys)
             writer.writeheader()
             writer.writerows(self.rows)
@@ -92,31 +155,6 @@ def read_history(path):
         return []
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
-
-
-class _atomic_file:
-    """Open a temporary file beside `path`; rename it onto `path` only when closed without error."""
-
-    def __init__(self, path, mode="w"):
-        self.path, self.mode = path, mode
-
-    def __enter__(self):
-        folder = os.path.dirname(os.path.abspath(self.path))
-        fd, self.tmp = tempfile.mkstemp(dir=folder, prefix=".partial-")
-        self.file = os.fdopen(fd, self.mode, newline="" if "b" not in self.mode else None)
-        return self.file
-
-    def __exit__(self, kind, value, tb):
-        self.file.close()
-        if kind is None:
-            os.replace(self.tmp, self.path)
-        else:
-            os.remove(self.tmp)
-
-
-def _write_atomic(path, text):
-    with _atomic_file(path) as f:
-        f.write(text)
 
 
 def plot_curves(history_path, out_path):
@@ -139,24 +177,23 @@ def plot_curves(history_path, out_path):
         ax.legend()
     axes[1].set_ylim(0, 1)
     fig.tight_layout()
-    tmp = os.path.join(os.path.dirname(os.path.abspath(out_path)), f".partial-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out_path)
+    try:
+        with files.atomic_path(out_path) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+    finally:
+        plt.close(fig)
 
 
 def save_model(model, path):
     """Saves `model` to `path` (.keras) without its optimizer, written aside and renamed."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".partial-{os.getpid()}.keras")
     optimizer = model.optimizer
     try:
         # The deliverable is the evaluated network; the optimizer state lives in the backup.
         model.optimizer = None
-        model.save(tmp)
+        with files.atomic_path(path) as tmp:
+            model.save(tmp)
     finally:
         model.optimizer = optimizer
-    os.replace(tmp, path)
 
 
 def _data_parallel(batch_size, distribute):
@@ -180,30 +217,74 @@ def _data_parallel(batch_size, distribute):
     return len(devices)
 
 
-def _sources(data, val_dir, val_split, seed):
-    """(train source, val source, class names, train size) from a folder or a TFDS name."""
+def _sources(data, val_dir, val_split):
+    """(train source, val source, class names) from a folder or a TFDS name.
+
+    Folder sources are listings, (paths, labels), not yet read (`_readable`); with no `val_dir`
+    the validation source is None until `_readable` splits it off.
+    """
     if val_dir is not None and val_split is not None:
         raise ValueError(f"Pass `val_dir` or `val_split`, not both. Received: val_dir={val_dir!r}, val_split={val_split}")
+    if not isinstance(data, (str, os.PathLike)):
+        raise ValueError(f"`data` must be a folder of class folders or a TFDS name. Received: data={data!r}")
     if os.path.isdir(os.fspath(data)):
         paths, labels, classes = data_lib.image_folder(data)
-        if val_dir is not None:
-            val_paths, val_labels, val_classes = data_lib.image_folder(val_dir)
-            if val_classes != classes:
-                raise ValueError(
-                    f"The validation folder's classes differ from the training folder's ({classes}). "
-                    f"Received: val_dir={val_dir!r} with classes {val_classes}"
-                )
-            return (paths, labels), (val_paths, val_labels), classes, len(paths)
-        (paths, labels), val = data_lib.split_files(paths, labels, val_split or 0.1, seed)
-        return (paths, labels), val, classes, len(paths)
+        if val_dir is None:
+            return (paths, labels), None, classes
+        val_paths, val_labels, val_classes = data_lib.image_folder(val_dir)
+        if val_classes != classes:
+            raise ValueError(
+                f"The validation folder's classes differ from the training folder's ({classes}). "
+                f"Received: val_dir={val_dir!r} with classes {val_classes}"
+            )
+        return (paths, labels), (val_paths, val_labels), classes
     if os.path.sep in os.fspath(data) or os.path.exists(os.fspath(data)):
         raise ValueError(f"`data` must be a folder of class folders or a TFDS name. Received: data={data!r}")
     if val_dir is not None:
         raise ValueError(f"`val_dir` goes with a data folder, not a TFDS name. Received: val_dir={val_dir!r}")
     train_split, val_split_name = data_lib.tfds_splits(data, val_split)
-    train_ds, classes, size = data_lib.tfds_source(data, train_split)
+    train_ds, classes, _ = data_lib.tfds_source(data, train_split)
     val_ds, _, _ = data_lib.tfds_source(data, val_split_name)
-    return train_ds, val_ds, classes, size
+    return train_ds, val_ds, classes
+
+
+def _readable(train_source, val_source, classes, data, val_dir, val_split, seed, skip_bad_images, verbose):
+    """Folder sources with every image read once (`data.check_images`), split when no `val_dir`.
+
+    Returns (train source, val source, train size, skipped [(path, reason)]).
+    """
+    if not isinstance(train_source, tuple):  # TFDS: decoded by TFDS itself
+        return train_source, val_source, int(train_source.cardinality().numpy()), []
+    paths, labels, skipped = data_lib.check_images(*train_source, classes, skip_bad_images, verbose, data=data)
+    if val_source is not None:
+        val_paths, val_labels, val_skipped = data_lib.check_images(*val_source, classes, skip_bad_images, verbose,
+                                                                   data=val_dir)
+        return (paths, labels), (val_paths, val_labels), len(paths), skipped + val_skipped
+    (paths, labels), val = data_lib.split_files(paths, labels, val_split or 0.1, seed)
+    return (paths, labels), val, len(paths), skipped
+
+
+def _check_arguments(out, image_size, epochs, batch_size, lr, val_split, seed, verbose, distribute, callbacks,
+                     restart, skip_bad_images):
+    """train()'s own arguments, before any work (the recipe checks its fields itself)."""
+    if not isinstance(out, (str, os.PathLike)):
+        raise ValueError(f"`out` must be a folder path. {checks.received('out', out)}")
+    for name, value, minimum in (("image_size", image_size, 32), ("epochs", epochs, 1), ("batch_size", batch_size, 1)):
+        if value is not None:
+            checks.integer(name, value, minimum=minimum)
+    if lr is not None:
+        checks.number("lr", lr, 0.0, low_open=True)
+    if val_split is not None:
+        checks.number("val_split", val_split, 0.0, 1.0, low_open=True, high_open=True)
+    checks.integer("seed", seed, minimum=0, maximum=2**32 - 1)
+    if verbose != "auto" and not (isinstance(verbose, int) and not isinstance(verbose, bool) and verbose in (0, 1, 2)):
+        raise ValueError(f"`verbose` must be 'auto', 0, 1 or 2. {checks.received('verbose', verbose)}")
+    if distribute != "auto" and not isinstance(distribute, bool):
+        raise ValueError(f"`distribute` must be 'auto', True or False. {checks.received('distribute', distribute)}")
+    if not isinstance(callbacks, (list, tuple)) or not all(isinstance(c, keras.callbacks.Callback) for c in callbacks):
+        raise ValueError(f"`callbacks` must be a list of Keras callbacks. {checks.received('callbacks', callbacks)}")
+    checks.boolean("restart", restart)
+    checks.boolean("skip_bad_images", skip_bad_images)
 
 
 def _weights_for(recipe, variant, preset):
@@ -225,12 +306,15 @@ def _weights_for(recipe, variant, preset):
 
 def train(data, out, variant="atto", recipe="finetune", preset=None, image_size=None, epochs=None,
           batch_size=None, lr=None, val_dir=None, val_split=None, seed=0, verbose="auto",
-          distribute="auto", callbacks=(), **recipe_overrides):
+          distribute="auto", callbacks=(), restart=False, skip_bad_images=False, **recipe_overrides):
     """Trains a ConvNeXt with a recipe under `model.fit` and writes the results to `out`.
 
     Args:
-        data: a folder with one sub-folder of images per class, or a TFDS dataset name.
-        out: output folder (created); an interrupted run resumes from `out/backup`.
+        data: a folder with one sub-folder of images per class, or a TFDS dataset name. Every
+            image is read once before training (`data.check_images`): an unreadable one is an
+            error naming it, unless `skip_bad_images`.
+        out: output folder (created); an interrupted run resumes from `out/backup`, when that
+            backup is of the same run (variant, classes, image size, recipe, batch size).
         variant: "atto" .. "xlarge", or a `Variant` (a shape of your own).
         recipe: a name from `recipes.list_recipes()` or a `Recipe`.
         preset: weights to start from (preset name, "imagenet" or a file); default: the recipe's.
@@ -239,15 +323,20 @@ def train(data, out, variant="atto", recipe="finetune", preset=None, image_size=
             (default 0.1; TFDS datasets use their validation or test split).
         distribute: "auto" (data parallel over all devices on JAX when there are several), or a bool.
         callbacks: extra Keras callbacks.
+        restart: discard `out/backup` and start from epoch 0.
+        skip_bad_images: train without the images that cannot be read (a warning names them).
         **recipe_overrides: any other recipe field (`mixup=0.0`, `ema_momentum=None`, ...).
 
     Returns:
         A dict: accuracy and loss on the validation data with the saved weights, seconds,
-        epochs run, resumed_from (epoch or None), the output paths and the class names.
+        epochs run, resumed_from (epoch or None), the output paths, the class names and the
+        skipped images.
     """
+    _check_arguments(out, image_size, epochs, batch_size, lr, val_split, seed, verbose, distribute, callbacks,
+                     restart, skip_bad_images)
     if isinstance(variant, Variant):
         spec = variant
-    elif variant in VARIANTS:
+    elif isinstance(variant, str) and variant in VARIANTS:
         spec = VARIANTS[variant]
     else:
         raise ValueError(
@@ -257,15 +346,22 @@ def train(data, out, variant="atto", recipe="finetune", preset=None, image_size=
                  if v is not None}
     recipe = recipes_lib.get_recipe(recipe, **overrides, **recipe_overrides)
     if lr is not None:
-        if not lr > 0:
-            raise ValueError(f"`lr` must be positive. Received: lr={lr}")
         recipe = recipes_lib.get_recipe(recipe, lr=lr, lr_batch_size=recipe.batch_size)
     if recipe.image_size < 32:
         raise ValueError(f"ConvNeXt needs images of at least 32 px. Received: image_size={recipe.image_size}")
     weights = _weights_for(recipe, spec.name, preset)
+    verbose_checks = 1 if verbose == "auto" else verbose
 
     keras.utils.set_random_seed(seed)
-    train_source, val_source, classes, train_size = _sources(data, val_dir, val_split, seed)
+    train_source, val_source, classes = _sources(data, val_dir, val_split)
+    # The backup is checked before the images are read: a stale one fails in seconds.
+    backup_dir = os.path.join(out, BACKUP_DIR)
+    if restart and os.path.isdir(backup_dir):
+        shutil.rmtree(backup_dir)
+    config = run_config(spec, classes, recipe)
+    meta = read_backup(backup_dir, config)
+    train_source, val_source, train_size, skipped = _readable(
+        train_source, val_source, classes, data, val_dir, val_split, seed, skip_bad_images, verbose_checks)
     if train_size < recipe.batch_size:
         raise ValueError(
             f"The training set has {train_size} images, fewer than one batch. Received: batch_size={recipe.batch_size}"
@@ -284,28 +380,31 @@ def train(data, out, variant="atto", recipe="finetune", preset=None, image_size=
     model = ConvNeXt(spec.depths, spec.dims, weights=weights, input_shape=(recipe.image_size,) * 2 + (3,),
                      classes=len(classes), name=f"convnext_{spec.name}", **recipe.model_kwargs(spec))
     model.compile(**recipe.compile_kwargs(steps))
+    resumed_from = _resume(model, backup_dir, meta, verbose_checks) if meta else None
 
     history_path = os.path.join(out, "history.csv")
-    backup = ResumableBackup(os.path.join(out, BACKUP_DIR))
     # Order matters: the CSV row of an epoch is written before its backup, so a resumed run
     # that repeats the epoch finds the row and replaces it.
-    fit_callbacks = [*recipe.callbacks(), HistoryCSV(history_path), backup, *callbacks]
+    fit_callbacks = [*recipe.callbacks(), HistoryCSV(history_path), EpochBackup(backup_dir, config), *callbacks]
     start = time.perf_counter()
-    model.fit(train_ds, epochs=recipe.epochs, validation_data=val_ds, callbacks=fit_callbacks, verbose=verbose)
+    model.fit(train_ds, epochs=recipe.epochs, initial_epoch=resumed_from or 0, validation_data=val_ds,
+              callbacks=fit_callbacks, verbose=verbose)
     seconds = time.perf_counter() - start
     # fit ends with the optimizer's finalize step: with EMA, the model now holds the EMA weights.
     loss, accuracy = model.evaluate(val_ds, verbose=0)
 
     model_path = os.path.join(out, "model.keras")
     save_model(model, model_path)
-    _write_atomic(os.path.join(out, "classes.json"), json.dumps(classes, indent=1))
+    files.write_text(os.path.join(out, "classes.json"), json.dumps(classes, indent=1))
     curves_path = os.path.join(out, "curves.png")
     plot_curves(history_path, curves_path)
-    if os.path.isdir(backup.backup_dir):  # fit removes it on success; a stray one would resume a finished run
-        shutil.rmtree(backup.backup_dir)
+    # Only now that the outputs are in place: a kill before this resumes and rewrites them.
+    if os.path.isdir(backup_dir):
+        shutil.rmtree(backup_dir)
     return {
         "accuracy": float(accuracy), "loss": float(loss), "seconds": seconds, "epochs": recipe.epochs,
-        "resumed_from": backup.resumed_from, "model": model_path, "history": history_path,
+        "resumed_from": resumed_from, "model": model_path, "history": history_path,
         "curves": curves_path, "classes": classes, "devices": devices, "recipe": recipe.name,
         "train_images": train_size, "batch_size": recipe.batch_size, "image_size": recipe.image_size,
+        "skipped_images": [path for path, _ in skipped],
     }

@@ -173,3 +173,25 @@ def test_debug_shows_the_traceback(tmp_path):
     done = _cli("convert", str(tmp_path / "missing.pth"), str(tmp_path / "out.keras"))
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_train_names_a_corrupt_image_and_a_stale_backup_in_one_line(tmp_path, capsys):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    for name in ("cat", "dog"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((36, 36, 3), 40 * i, "uint8")).save(tmp_path / "data" / name / f"{i}.png")
+    good = (tmp_path / "data" / "dog" / "2.png").read_bytes()
+    (tmp_path / "data" / "dog" / "2.png").write_bytes(good[: len(good) // 2])  # cut short
+    code, err = _run_main(capsys, "train", str(tmp_path / "data"), "--out", str(tmp_path / "run"))
+    _assert_one_line(code, err, "2.png", "--skip-bad-images")
+    (tmp_path / "data" / "dog" / "2.png").write_bytes(good)
+    backup = tmp_path / "run" / "backup"
+    backup.mkdir(parents=True)
+    (backup / "training_metadata.json").write_text(json.dumps({"epoch": 1, "weights": "epoch-1.weights.h5"}))
+    code, err = _run_main(capsys, "train", str(tmp_path / "data"), "--out", str(tmp_path / "run"))
+    _assert_one_line(code, err, "--restart", str(backup))

@@ -51,6 +51,17 @@ def test_eval_transform_errors(tmp_path):
         kc.eval_transform(np.zeros((40, 40, 3), "uint8"), interpolation="cubic")
     with pytest.raises(ValueError, match=r"uint8 array.*shape=\(40, 40\)"):
         kc.eval_transform(np.zeros((40, 40), "uint8"))
+    image = np.zeros((40, 40, 3), "uint8")
+    # 0 is a value, not "the default": each is refused by name.
+    for kwargs, message in [({"crop_pct": 0}, r"`crop_pct` must be in \(0.0, 1.0\]. Received: crop_pct=0"),
+                            ({"crop_pct": float("nan")}, r"finite number. Received: crop_pct=nan"),
+                            ({"crop_pct": 1.5}, r"Received: crop_pct=1.5"),
+                            ({"image_size": 0}, r"`image_size` must be at least 1. Received: image_size=0"),
+                            ({"image_size": True}, r"integer. Received: image_size=True"),
+                            ({"crop_mode": "fill"}, r"Received: crop_mode='fill'"),
+                            ({"preset": 3}, r"Received: preset=3")]:
+        with pytest.raises(ValueError, match=message):
+            kc.eval_transform(image, **kwargs)
 
 
 def test_decode_predictions_uses_the_shipped_class_names():

@@ -4,6 +4,8 @@ one real step of every recipe on TFDS mock data, the train command, resume, data
 import json
 import math
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -407,7 +409,7 @@ print(json.dumps({{"resumed_from": result["resumed_from"]}}))
 def test_train_command_refuses_bad_data(make, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["train", make(tmp_path), "--out", str(tmp_path / "out")])
-    assert message in str(e.value.code)
+    assert e.value.code == 2 and message in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "out" / "model.keras")
 
 
@@ -418,9 +420,11 @@ def test_train_refuses_an_unknown_variant(folder, tmp_path):
     assert not os.path.exists(tmp_path / "model.keras")
 
 
-def test_train_command_refuses_unknown_recipe(digits, tmp_path):
-    with pytest.raises(SystemExit, match=r"Unknown recipe\. Valid values: .*Received: recipe='imagenet'"):
+def test_train_command_refuses_unknown_recipe(digits, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
         main(["train", digits[0], "--recipe", "imagenet", "--out", str(tmp_path)])
+    assert e.value.code == 2
+    assert re.search(r"Unknown recipe\. Valid values: .*Received: recipe='imagenet'", capsys.readouterr().err)
 
 
 def test_train_command_on_digits_from_scratch(digits, tmp_path, capsys):
@@ -474,6 +478,136 @@ def test_training_resumes_after_a_kill(folder, tmp_path):
     assert [int(r["epoch"]) for r in read_history(out / "history.csv")] == list(range(epochs))
     assert (out / "model.keras").exists() and not (out / "backup").exists()
     assert not [f for f in os.listdir(out) if f.startswith(".partial")]
+
+
+# ---- train's checks: arguments, unreadable images, stale backups ------------------------------
+
+TINY_RUN = dict(recipe="in1k", val_split=0.25, batch_size=8, image_size=32, verbose=0)
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Makes building a model (so fitting one) fail: what a test of the checks before training uses."""
+    import keras_convnext.model
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was built: the check came too late")
+
+    monkeypatch.setattr(keras_convnext.model, "ConvNeXt", refuse)
+
+
+@pytest.mark.parametrize("name, value", [
+    ("epochs", 0), ("epochs", True), ("epochs", 2.0), ("batch_size", -8), ("batch_size", "8"), ("image_size", 16),
+    ("seed", -1), ("seed", 1.5), ("seed", False), ("val_split", 1.0), ("val_split", 0), ("lr", 0.0),
+    ("lr", float("nan")), ("verbose", 3), ("distribute", "yes"), ("restart", "no"), ("skip_bad_images", 1),
+    ("callbacks", None), ("out", 3),
+])
+def test_train_checks_its_arguments_before_any_work(name, value, folder, tmp_path, no_model):
+    kwargs = {**TINY_RUN, "out": str(tmp_path / "run"), name: value}
+    with pytest.raises(ValueError, match=rf"^`{name}` must .*\. Received: {name}={re.escape(repr(value))}$"):
+        train(folder, variant=tiny_variant(), **kwargs)
+    assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.fixture
+def folder_with_a_bad_jpeg(folder, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(folder, root)
+    bad = root / "class1" / "broken.jpg"
+    bad.write_bytes(open(os.path.join(folder, "class1", "0.jpg"), "rb").read()[:300])  # cut after the header
+    return str(root), str(bad)
+
+
+def test_train_names_an_unreadable_image_before_fitting(folder_with_a_bad_jpeg, tmp_path, no_model):
+    root, bad = folder_with_a_bad_jpeg
+    with pytest.raises(ValueError, match=rf"^1 of 37 images cannot be read: {re.escape(repr(bad))} \(OSError: .*\)\. "
+                                         r"Remove them, or pass skip_bad_images=True \(--skip-bad-images\)"):
+        train(root, str(tmp_path / "run"), variant=tiny_variant(), epochs=1, **TINY_RUN)
+    assert not os.path.exists(tmp_path / "run" / "history.csv")
+
+
+def test_train_skips_unreadable_images_when_asked(folder_with_a_bad_jpeg, tmp_path):
+    root, bad = folder_with_a_bad_jpeg
+    with pytest.warns(UserWarning, match=rf"Skipping 1 of 37 images, which cannot be read: {re.escape(repr(bad))}"):
+        result = train(root, str(tmp_path / "run"), variant=tiny_variant(), epochs=1, skip_bad_images=True,
+                       **TINY_RUN)
+    assert result["skipped_images"] == [bad] and result["train_images"] == 27
+    assert [int(r["epoch"]) for r in read_history(result["history"])] == [0]
+
+
+class _StopAfterFirstEpoch(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        raise KeyboardInterrupt("killed after epoch 0")
+
+
+@pytest.fixture(scope="module")
+def interrupted(folder, tmp_path_factory):
+    """An output folder whose run (2 epochs) stopped after its first: OUT/backup holds epoch 1."""
+    out = tmp_path_factory.mktemp("interrupted") / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(folder, str(out), variant=tiny_variant(), epochs=2, callbacks=[_StopAfterFirstEpoch()], **TINY_RUN)
+    meta = json.loads((out / "backup" / "training_metadata.json").read_text())
+    assert meta["epoch"] == 1 and meta["config"]["image_size"] == 32
+    assert sorted(os.listdir(out / "backup")) == ["epoch-1.weights.h5", "training_metadata.json"]
+    return out
+
+
+@pytest.fixture
+def stale(interrupted, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(interrupted, out)
+    return out
+
+
+def test_train_resumes_its_own_backup(stale, folder):
+    result = train(folder, str(stale), variant=tiny_variant(), epochs=2, **TINY_RUN)
+    assert result["resumed_from"] == 1
+    assert [int(r["epoch"]) for r in read_history(result["history"])] == [0, 1]
+    assert not os.path.exists(stale / "backup") and not [f for f in os.listdir(stale) if f.startswith(".partial")]
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for name in ("model.keras", "history.csv", "curves.png", "classes.json"):  # written aside, with a plain open's mode
+        assert os.stat(stale / name).st_mode & 0o777 == 0o666 & ~umask, name
+
+
+def test_train_refuses_another_runs_backup_before_reading_images(stale, folder, tmp_path, no_model, monkeypatch):
+    monkeypatch.setattr(data, "check_images", lambda *a, **k: pytest.fail("images read before the backup check"))
+    backup = repr(str(stale / "backup"))
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=rf"^The backup in {re.escape(backup)} is of another run \(differing in "
+                                         r"image_size\): the backup has .*image_size=32.*; this run has .*image_size=48"
+                                         rf".*Pass restart=True \(--restart\) to start over, or delete {re.escape(backup)}"):
+        train(folder, str(stale), variant=tiny_variant(), epochs=2, **dict(TINY_RUN, image_size=48))
+    renamed = tmp_path / "renamed"
+    shutil.copytree(folder, renamed)
+    os.rename(renamed / "class2", renamed / "other")
+    with pytest.raises(ValueError, match=r"differing in classes\): the backup has .*'class2'.*; this run has .*'other'"):
+        train(str(renamed), str(stale), variant=tiny_variant(), epochs=2, **TINY_RUN)
+    with pytest.raises(ValueError, match=r"differing in depths, dims\)"):
+        train(folder, str(stale), variant="atto", epochs=2, **TINY_RUN)
+    assert time.perf_counter() - start < 30
+
+
+def test_train_restart_discards_another_runs_backup(stale, folder):
+    result = train(folder, str(stale), variant=tiny_variant(), epochs=1, restart=True, **dict(TINY_RUN, image_size=48))
+    assert result["resumed_from"] is None and result["image_size"] == 48
+    assert [int(r["epoch"]) for r in read_history(result["history"])] == [0]
+    assert not os.path.exists(stale / "backup")
+
+
+@pytest.mark.parametrize("damage", ["truncated weights", "truncated metadata", "missing weights"])
+def test_train_refuses_an_unreadable_backup(damage, stale, folder, no_model):
+    backup = stale / "backup"
+    weights, meta = backup / "epoch-1.weights.h5", backup / "training_metadata.json"
+    if damage == "truncated weights":
+        weights.write_bytes(weights.read_bytes()[:4096])
+    elif damage == "truncated metadata":
+        meta.write_text(meta.read_text()[:40])
+    else:
+        weights.unlink()
+    with pytest.raises(ValueError, match=rf"^The backup of an interrupted run cannot be read \(.+\)\. Pass restart=True "
+                                         rf"\(--restart\) to start over, or delete {re.escape(repr(str(backup)))}"):
+        train(folder, str(stale), variant=tiny_variant(), epochs=2, **TINY_RUN)
 
 
 # ---- data parallel -----------------------------------------------------------------------------
