@@ -72,14 +72,30 @@ def _parse_set(items):
     return overrides
 
 
+def _recipe_overrides(items):
+    """`--set` pairs, which set recipe fields only: train()'s own arguments have flags of their own."""
+    import inspect
+
+    from keras_convnext.training import train
+
+    overrides = _parse_set(items)
+    own = [p for p in inspect.signature(train).parameters if p != "recipe_overrides"]
+    for key in overrides:
+        if key in own:
+            raise ValueError(f"--set takes recipe fields; {key!r} has its own flag (--{key.replace('_', '-')}). "
+                             f"Received: --set {key}={overrides[key]!r}")
+    return overrides
+
+
 def _cmd_train(args):
     from keras_convnext.training import train
 
+    overrides = _recipe_overrides(args.set)
     result = train(args.data, args.out, variant=args.variant, recipe=args.recipe, preset=args.preset,
                    image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                    val_dir=args.val_dir, val_split=args.val_split, seed=args.seed,
                    verbose=2 if args.quiet else "auto", skip_bad_images=args.skip_bad_images,
-                   restart=args.restart, **_parse_set(args.set))
+                   restart=args.restart, **overrides)
     if args.json:
         print(json.dumps(result))
         return

@@ -13,7 +13,6 @@ into the same folder removes what the killed one left.
 """
 
 import json
-import numbers
 import os
 import signal
 import subprocess
@@ -22,29 +21,24 @@ import tempfile
 import threading
 import time
 
-from keras_convnext import files
+from keras_convnext import checks, files
+from keras_convnext.variants import MIN_IMAGE_SIZE
 
 FORMATS = ("saved_model", "onnx", "litert")
 BACKEND_FOR = {"saved_model": "tensorflow", "litert": "tensorflow", "onnx": "torch"}
 TOP_K = 5
 
 
-def _check_arguments(format, version, image_size, crop_pct):
+def _check_arguments(format, version, image_size, crop_pct, overwrite):
     """Checked before any work: a bad value fails at once, not after a model is built and saved."""
     if format not in FORMATS:
         raise ValueError(f"Unknown export format; valid ones are {', '.join(FORMATS)}. Received: format={format!r}")
-    if not _is_int(version) or version < 1:
-        raise ValueError(f"`version` must be a positive integer. Received: version={version!r}")
-    if image_size is not None and (not _is_int(image_size) or image_size < 32):
-        raise ValueError(
-            f"`image_size` must be an integer of at least 32 (pixels), or None. Received: image_size={image_size!r}")
-    if crop_pct is not None and (not isinstance(crop_pct, numbers.Real) or isinstance(crop_pct, bool)
-                                 or not 0 < crop_pct <= 1):
-        raise ValueError(f"`crop_pct` must be a number in (0, 1], or None. Received: crop_pct={crop_pct!r}")
-
-
-def _is_int(value):
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    checks.integer("version", version, minimum=1)
+    if image_size is not None:
+        checks.integer("image_size", image_size, minimum=MIN_IMAGE_SIZE)
+    if crop_pct is not None:
+        checks.number("crop_pct", crop_pct, 0.0, 1.0, low_open=True)
+    checks.boolean("overwrite", overwrite)
 
 
 def _check_free(target, overwrite):
@@ -213,7 +207,7 @@ def export(model, path, format="saved_model", version=1, image_size=None, crop_p
     """
     import keras
 
-    _check_arguments(format, version, image_size, crop_pct)
+    _check_arguments(format, version, image_size, crop_pct, overwrite)
     path = os.fspath(path)
     target = os.path.join(path, str(version)) if format == "saved_model" else path
     _check_free(target, overwrite)

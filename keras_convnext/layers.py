@@ -3,6 +3,9 @@
 import keras
 from keras import ops
 
+from keras_convnext import checks
+from keras_convnext.variants import MIN_IMAGE_SIZE
+
 PACKAGE = "keras_convnext"
 
 
@@ -174,7 +177,7 @@ class PatchifyStem(keras.layers.Conv2D):
     output". The four downsamplings take MIN_SIZE px to one pixel.
     """
 
-    MIN_SIZE = 32
+    MIN_SIZE = MIN_IMAGE_SIZE
 
     def call(self, inputs):
         height, width = inputs.shape[1], inputs.shape[2]  # static or concrete sizes; None while unknown
@@ -200,8 +203,8 @@ class DepthwiseConv(keras.layers.Layer):
 
     def __init__(self, kernel_size=7, kernel_initializer="glorot_uniform", **kwargs):
         super().__init__(**kwargs)
-        if kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"`kernel_size` must be a positive odd integer. Received: kernel_size={kernel_size}")
+        if checks.integer("kernel_size", kernel_size, minimum=1) % 2 == 0:
+            raise ValueError(f"`kernel_size` must be odd. Received: kernel_size={kernel_size}")
         self.kernel_size = int(kernel_size)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
 

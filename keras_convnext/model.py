@@ -13,12 +13,12 @@ from keras_convnext import checks
 from keras_convnext import presets as presets_lib
 from keras_convnext.layers import (ConvNeXtPreprocessing, DepthwiseConv, HostConstant, HostTruncatedNormal, LayerNorm,
                                    LayerScale, PatchifyStem, PointwiseDense, StochasticDepth)
-from keras_convnext.variants import VARIANTS
+from keras_convnext.variants import MIN_IMAGE_SIZE, VARIANTS
 
 LN_EPS = 1e-6  # every ConvNeXt LayerNorm, stem to head
 POOLINGS = (None, "avg", "max")
 PYRAMID_LEVELS = ("P2", "P3", "P4", "P5")  # strides 4, 8, 16, 32, keras-hub's convention
-MIN_SIZE = PatchifyStem.MIN_SIZE  # the four downsamplings take 32 px to a 1x1 map
+MIN_SIZE = MIN_IMAGE_SIZE
 
 
 def keras_name(key):

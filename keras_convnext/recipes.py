@@ -17,7 +17,7 @@ import keras
 from keras import ops
 
 from keras_convnext import checks
-from keras_convnext.variants import VARIANTS
+from keras_convnext.variants import MIN_IMAGE_SIZE, VARIANTS
 
 _TORCH = keras.backend.backend() == "torch"
 
@@ -72,7 +72,7 @@ class Recipe:
                 raise ValueError(f"`{name}` must be a string. {checks.received(name, getattr(self, name))}")
         for name in ("epochs", "batch_size", "lr_batch_size"):
             checks.integer(name, getattr(self, name), minimum=1)
-        checks.integer("image_size", self.image_size, minimum=32)
+        checks.integer("image_size", self.image_size, minimum=MIN_IMAGE_SIZE)
         checks.number("lr", self.lr, 0.0, low_open=True)
         for name in ("min_lr", "warmup_epochs", "weight_decay", "color_jitter", "mixup", "cutmix"):
             checks.number(name, getattr(self, name), 0.0)
@@ -309,10 +309,10 @@ class AdamWLayerDecay(keras.optimizers.AdamW):
     def __init__(self, learning_rate=1e-3, weight_decay=0.05, layer_decay=None,
                  num_groups=NUM_LAYER_GROUPS, **kwargs):
         super().__init__(learning_rate=learning_rate, weight_decay=weight_decay, **kwargs)
-        if layer_decay is not None and not 0.0 < layer_decay <= 1.0:
-            raise ValueError(f"`layer_decay` must be in (0, 1]. Received: layer_decay={layer_decay}")
+        if layer_decay is not None:
+            checks.number("layer_decay", layer_decay, 0.0, 1.0, low_open=True)
         self.layer_decay = layer_decay
-        self.num_groups = int(num_groups)
+        self.num_groups = checks.integer("num_groups", num_groups, minimum=1)
         self._lr_scales = []
 
     def lr_scale(self, variable):

@@ -8,6 +8,7 @@ the recipe, fits with Keras's progress bar, resumes an interrupted run, and writ
 """
 
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -18,7 +19,7 @@ import keras
 from keras_convnext import checks, files
 from keras_convnext import data as data_lib
 from keras_convnext import recipes as recipes_lib
-from keras_convnext.variants import VARIANTS, Variant
+from keras_convnext.variants import MIN_IMAGE_SIZE, VARIANTS, Variant
 
 BACKUP_DIR = "backup"
 BACKUP_METADATA = "training_metadata.json"
@@ -50,11 +51,15 @@ class EpochBackup(keras.callbacks.Callback):
                 os.remove(os.path.join(self.backup_dir, old))
 
 
-def run_config(variant, classes, recipe):
-    """What a backup must share with the run that resumes it."""
-    return {"depths": list(variant.depths), "dims": list(variant.dims), "num_classes": len(classes),
-            "classes": list(classes), "image_size": recipe.image_size, "recipe": recipe.name,
-            "batch_size": recipe.batch_size}
+def run_config(variant, classes, recipe, weights=None):
+    """What a backup must share with the run that resumes it: the network, the classes, what it started
+    from and every recipe field (a resume with other settings would silently train another run)."""
+    fields = {k: v for k, v in dataclasses.asdict(recipe).items() if k not in ("name", "description")}
+    config = {"depths": list(variant.depths), "dims": list(variant.dims), "num_classes": len(classes),
+              "classes": list(classes), "image_size": recipe.image_size, "recipe": recipe.name,
+              "batch_size": recipe.batch_size, "weights": None if weights is None else os.fspath(weights),
+              "recipe_fields": fields}
+    return json.loads(json.dumps(config))  # as it reads back from the file (tuples become lists)
 
 
 def read_backup(backup_dir, config):
@@ -79,12 +84,27 @@ def read_backup(backup_dir, config):
     except Exception as e:  # a missing or truncated file, broken JSON, missing keys, wrong types
         raise _unreadable_backup(backup_dir, e) from e
     if saved != config:
-        differ = [k for k in config if not isinstance(saved, dict) or saved.get(k) != config[k]]
-        raise ValueError(
-            f"The backup in {backup_dir!r} is of another run (differing in {', '.join(differ)}): the backup has "
-            f"{_describe(saved)}; this run has {_describe(config)}. {_start_over(backup_dir)}"
-        )
+        if not isinstance(saved, dict):
+            differ = "no recorded configuration (an older version wrote it)"
+        else:
+            ours, theirs = _flat(config), _flat(saved)
+            differ = "; ".join(f"{k}: backup {_short(theirs.get(k, '(none)'))}, this run {_short(ours.get(k, '(none)'))}"
+                               for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k))
+        raise ValueError(f"The backup in {backup_dir!r} is of another run ({differ}). {_start_over(backup_dir)}")
     return meta
+
+
+def _flat(config):
+    """{"image_size": 32, "recipe.mixup": 0.8, ...}: the nested recipe fields as top-level keys."""
+    flat = {k: v for k, v in config.items() if k != "recipe_fields"}
+    flat.update({f"recipe.{k}": v for k, v in (config.get("recipe_fields") or {}).items()})
+    return flat
+
+
+def _short(value):
+    if isinstance(value, list) and len(value) > 6:
+        return f"[{', '.join(map(repr, value[:5]))}, ... ({len(value)})]"
+    return repr(value)
 
 
 def _start_over(backup_dir):
@@ -94,18 +114,6 @@ def _start_over(backup_dir):
 def _unreadable_backup(backup_dir, error):
     reason = f"{type(error).__name__}: {error}".replace("\n", " ")
     return ValueError(f"The backup of an interrupted run cannot be read ({reason}). {_start_over(backup_dir)}")
-
-
-def _describe(config):
-    if not isinstance(config, dict):
-        return "no recorded configuration (an older version wrote it)"
-
-    def short(value):
-        if isinstance(value, list) and len(value) > 6:
-            return f"[{', '.join(map(repr, value[:5]))}, ... ({len(value)})]"
-        return repr(value)
-
-    return ", ".join(f"{k}={short(v)}" for k, v in config.items())
 
 
 def _resume(model, backup_dir, meta, verbose):
@@ -269,7 +277,8 @@ def _check_arguments(out, image_size, epochs, batch_size, lr, val_split, seed, v
     """train()'s own arguments, before any work (the recipe checks its fields itself)."""
     if not isinstance(out, (str, os.PathLike)):
         raise ValueError(f"`out` must be a folder path. {checks.received('out', out)}")
-    for name, value, minimum in (("image_size", image_size, 32), ("epochs", epochs, 1), ("batch_size", batch_size, 1)):
+    for name, value, minimum in (("image_size", image_size, MIN_IMAGE_SIZE), ("epochs", epochs, 1),
+                                 ("batch_size", batch_size, 1)):
         if value is not None:
             checks.integer(name, value, minimum=minimum)
     if lr is not None:
@@ -347,8 +356,6 @@ def train(data, out, variant="atto", recipe="finetune", preset=None, image_size=
     recipe = recipes_lib.get_recipe(recipe, **overrides, **recipe_overrides)
     if lr is not None:
         recipe = recipes_lib.get_recipe(recipe, lr=lr, lr_batch_size=recipe.batch_size)
-    if recipe.image_size < 32:
-        raise ValueError(f"ConvNeXt needs images of at least 32 px. Received: image_size={recipe.image_size}")
     weights = _weights_for(recipe, spec.name, preset)
     verbose_checks = 1 if verbose == "auto" else verbose
 
@@ -358,7 +365,7 @@ def train(data, out, variant="atto", recipe="finetune", preset=None, image_size=
     backup_dir = os.path.join(out, BACKUP_DIR)
     if restart and os.path.isdir(backup_dir):
         shutil.rmtree(backup_dir)
-    config = run_config(spec, classes, recipe)
+    config = run_config(spec, classes, recipe, weights)
     meta = read_backup(backup_dir, config)
     train_source, val_source, train_size, skipped = _readable(
         train_source, val_source, classes, data, val_dir, val_split, seed, skip_bad_images, verbose_checks)

@@ -6,6 +6,8 @@ and timm; the tests check every count exactly.
 
 import dataclasses
 
+MIN_IMAGE_SIZE = 32  # the four downsamplings (4, 2, 2, 2) take 32 px to a 1x1 map
+
 
 @dataclasses.dataclass(frozen=True)
 class Variant:

@@ -55,6 +55,8 @@ def test_layer_has_depthwise_conv2d_variables_and_config():
     np.testing.assert_allclose(keras.ops.convert_to_numpy(layer(x)), keras.ops.convert_to_numpy(stock(x)), atol=1e-5)
     with pytest.raises(ValueError, match="Received: kernel_size=4"):
         DepthwiseConv(4)
+    with pytest.raises(ValueError, match="`kernel_size` must be an integer. Received: kernel_size='7'"):
+        DepthwiseConv("7")
 
 
 def _gradients(formulation, x, kernel, bias, upstream, op=None):

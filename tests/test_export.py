@@ -178,7 +178,7 @@ def test_cli_export_version_and_overwrite(exported, tmp_path):
     assert done.returncode == 0, done.stderr[-1500:]
     assert f"wrote {tmp_path / 'serving' / '3'}" in done.stdout
     again = run("--format", "saved_model", "--version", "3")
-    assert again.returncode != 0 and "--overwrite" in again.stderr
+    assert again.returncode == 2 and "--overwrite" in again.stderr
     replaced = run("--format", "saved_model", "--version", "3", "--overwrite")
     assert replaced.returncode == 0, replaced.stderr[-1500:]
     assert sorted(os.listdir(tmp_path / "serving")) == ["3"]  # nothing half-written or left aside
@@ -194,7 +194,7 @@ def test_arguments_are_checked_before_any_work(tmp_path, capsys):
            (dict(image_size=64.0), "image_size=64.0"), (dict(image_size="64"), "image_size='64'"),
            (dict(crop_pct=0), "crop_pct=0"), (dict(crop_pct=1.5), "crop_pct=1.5"), (dict(crop_pct=-0.5), "crop_pct=-0.5"),
            (dict(crop_pct=float("nan")), "crop_pct=nan"), (dict(crop_pct=True), "crop_pct=True"),
-           (dict(crop_pct="0.9"), "crop_pct='0.9'")]
+           (dict(crop_pct="0.9"), "crop_pct='0.9'"), (dict(overwrite="no"), "overwrite='no'")]
     for kwargs, received in bad:
         with pytest.raises(ValueError) as e:
             kc.export("nowhere.keras", str(tmp_path / "serving"), **kwargs)  # the model is never looked for
@@ -202,8 +202,8 @@ def test_arguments_are_checked_before_any_work(tmp_path, capsys):
         assert message.endswith(f"Received: {received}") and "\n" not in message, (kwargs, message)
     with pytest.raises(SystemExit) as e:
         main(["export", "nowhere.keras", str(tmp_path / "serving"), "--format", "saved_model", "--crop-pct", "0"])
-    assert e.value.code not in (0, None)
-    assert "must be a number in (0, 1], or None. Received: crop_pct=0.0" in capsys.readouterr().err
+    assert e.value.code == 2
+    assert "`crop_pct` must be in (0.0, 1.0]. Received: crop_pct=0.0" in capsys.readouterr().err
     assert os.listdir(tmp_path / "serving") == ["1"]
 
 

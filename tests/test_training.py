@@ -559,9 +559,17 @@ def stale(interrupted, tmp_path):
     return out
 
 
+class _OptimizerSteps(keras.callbacks.Callback):
+    def on_train_begin(self, logs=None):
+        self.at_start = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+
+
 def test_train_resumes_its_own_backup(stale, folder):
-    result = train(folder, str(stale), variant=tiny_variant(), epochs=2, **TINY_RUN)
+    probe = _OptimizerSteps()
+    result = train(folder, str(stale), variant=tiny_variant(), epochs=2, callbacks=[probe], **TINY_RUN)
     assert result["resumed_from"] == 1
+    # The weights and the optimizer state came back: fit starts at the step the first epoch ended on.
+    assert probe.at_start == result["train_images"] // TINY_RUN["batch_size"]
     assert [int(r["epoch"]) for r in read_history(result["history"])] == [0, 1]
     assert not os.path.exists(stale / "backup") and not [f for f in os.listdir(stale) if f.startswith(".partial")]
     umask = os.umask(0o022)
@@ -574,16 +582,19 @@ def test_train_refuses_another_runs_backup_before_reading_images(stale, folder, 
     monkeypatch.setattr(data, "check_images", lambda *a, **k: pytest.fail("images read before the backup check"))
     backup = repr(str(stale / "backup"))
     start = time.perf_counter()
-    with pytest.raises(ValueError, match=rf"^The backup in {re.escape(backup)} is of another run \(differing in "
-                                         r"image_size\): the backup has .*image_size=32.*; this run has .*image_size=48"
-                                         rf".*Pass restart=True \(--restart\) to start over, or delete {re.escape(backup)}"):
+    with pytest.raises(ValueError, match=rf"^The backup in {re.escape(backup)} is of another run \(image_size: "
+                                         r"backup 32, this run 48; recipe\.image_size: backup 32, this run 48\)\. "
+                                         rf"Pass restart=True \(--restart\) to start over, or delete {re.escape(backup)}"):
         train(folder, str(stale), variant=tiny_variant(), epochs=2, **dict(TINY_RUN, image_size=48))
+    with pytest.raises(ValueError, match=r"another run \(recipe\.mixup: backup 0\.8, this run 0\.0\)"):
+        train(folder, str(stale), variant=tiny_variant(), epochs=2, mixup=0.0, **TINY_RUN)
     renamed = tmp_path / "renamed"
     shutil.copytree(folder, renamed)
     os.rename(renamed / "class2", renamed / "other")
-    with pytest.raises(ValueError, match=r"differing in classes\): the backup has .*'class2'.*; this run has .*'other'"):
+    with pytest.raises(ValueError, match=r"another run \(classes: backup \[.*'class2'\], this run \[.*'other'\]\)"):
         train(str(renamed), str(stale), variant=tiny_variant(), epochs=2, **TINY_RUN)
-    with pytest.raises(ValueError, match=r"differing in depths, dims\)"):
+    with pytest.raises(ValueError, match=r"another run \(depths: backup \[1, 1, 2, 1\], this run \[2, 2, 6, 2\]; "
+                                         r"dims: backup"):
         train(folder, str(stale), variant="atto", epochs=2, **TINY_RUN)
     assert time.perf_counter() - start < 30
 
@@ -654,7 +665,7 @@ def _example(name):
 
 
 @pytest.fixture
-def test_variant_by_name(monkeypatch):
+def tiny_variant_by_name(monkeypatch):
     """The examples take variant names: the test variant registered under one for the test."""
     from keras_convnext.variants import VARIANTS
 
@@ -662,23 +673,23 @@ def test_variant_by_name(monkeypatch):
     return "test_tiny"
 
 
-def test_example_finetune_folder(folder, tiny_weights, test_variant_by_name, tmp_path):
+def test_example_finetune_folder(folder, tiny_weights, tiny_variant_by_name, tmp_path):
     result = _example("finetune_folder").main(
-        [folder, "--variant", test_variant_by_name, "--weights", tiny_weights, "--epochs", "1", "--batch-size", "8",
+        [folder, "--variant", tiny_variant_by_name, "--weights", tiny_weights, "--epochs", "1", "--batch-size", "8",
          "--image-size", "32", "--out", str(tmp_path)])
     assert result["classes"] == ["class0", "class1", "class2"] and os.path.exists(result["model"])
 
 
-def test_example_tfds_train(test_variant_by_name):
+def test_example_tfds_train(tiny_variant_by_name):
     import tensorflow_datasets as tfds
 
     with tfds.testing.mock_data(num_examples=16):
         history, accuracy = _example("tfds_train").main(
-            ["--epochs", "1", "--batch-size", "8", "--variant", test_variant_by_name])
+            ["--epochs", "1", "--batch-size", "8", "--variant", tiny_variant_by_name])
     assert len(history.history["loss"]) == 1 and 0.0 <= accuracy <= 1.0
 
 
-def test_example_digits_from_scratch(test_variant_by_name, tmp_path):
+def test_example_digits_from_scratch(tiny_variant_by_name, tmp_path):
     result = _example("digits_from_scratch").main(
-        ["--epochs", "1", "--variant", test_variant_by_name, "--out", str(tmp_path)])
+        ["--epochs", "1", "--variant", tiny_variant_by_name, "--out", str(tmp_path)])
     assert result["epochs"] == 1 and 0.0 <= result["accuracy"] <= 1.0
