@@ -14,7 +14,13 @@ import warnings
 
 import numpy as np
 
-from keras_convnext.preprocessing import ImageReadError, decode_image_bytes, max_image_pixels
+from keras_convnext.preprocessing import (
+    ELONGATED,
+    MAX_ASPECT_RATIO,
+    ImageReadError,
+    decode_image_bytes,
+    max_image_pixels,
+)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 CACHE_MAX_FILES = 10_000  # small sets keep their encoded bytes in memory after the first epoch
@@ -112,11 +118,17 @@ def check_images(paths, labels, class_names, skip_bad_images=False, verbose=1, d
 
 
 def _unreadable(path):
-    """Why `path` cannot be decoded, or None when it can."""
+    """Why `path` cannot be decoded, or None when it can.
+
+    An image more elongated than the evaluation transform takes counts too: in a validation set (or a
+    folder split into one) it would stop training at the first evaluation.
+    """
     try:
-        decode_image_bytes(path)
+        decode_image_bytes(path, max_aspect_ratio=MAX_ASPECT_RATIO)
     except ImageReadError as e:
         return e.reason
+    except ValueError as e:  # too elongated: the message up to its "Received:" is the reason
+        return str(e).split(". Received:")[0]
     return None
 
 
@@ -314,12 +326,13 @@ def _decode_bmp(data, le):
     return tf.cond(tf.equal(le(28, 2), 8), paletted, lambda: image[..., :3])
 
 
-def _decode_file(data, path):
+def _decode_file(data, path, max_aspect_ratio=None):
     """`decode_image_bytes` inside tf.data, errors naming `path`."""
     import tensorflow as tf
 
     def decode(data, path):
-        return decode_image_bytes(data, path=path.decode("utf-8", "replace"))
+        path = path.decode("utf-8", "replace")
+        return decode_image_bytes(data, path=path, max_aspect_ratio=max_aspect_ratio)
 
     image = tf.numpy_function(decode, [data, path], tf.uint8, stateful=False)
     return tf.ensure_shape(image, [None, None, 3])
@@ -333,8 +346,11 @@ def _rgb(image):
     return tf.cast(image, tf.uint8)
 
 
-def _elements(source, shuffle, seed):
-    """source -> dataset of (uint8 (H, W, 3) image, int label), shuffled per epoch when asked."""
+def _elements(source, shuffle, seed, max_aspect_ratio=None):
+    """source -> dataset of (uint8 (H, W, 3) image, int label), shuffled per epoch when asked.
+
+    Files beyond `max_aspect_ratio` are refused from their header, naming the file.
+    """
     import tensorflow as tf
 
     if isinstance(source, tf.data.Dataset):
@@ -350,14 +366,16 @@ def _elements(source, shuffle, seed):
         ds = ds.cache()
     if shuffle:
         ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
-    return ds.map(lambda data, p, y: (_decode_file(data, p), y), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.map(lambda data, p, y: (_decode_file(data, p, max_aspect_ratio), y),
+                  num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def random_resized_crop(image, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpolation="bicubic"):
     """Inception-style crop: a random box of `scale` of the area and `ratio` aspect, resized to size.
 
     Keras 3 has no random-resized-crop layer; TensorFlow's box sampler does the sampling (whole
-    image when no box fits in 10 tries), then one resize, clipped to [0, 255].
+    image when no box fits in 10 tries), then one resize, clipped to [0, 255]. Any shape is taken:
+    the resize's memory stays within size x the crop's shorter side.
     """
     import tensorflow as tf
 
@@ -366,8 +384,17 @@ def random_resized_crop(image, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), in
         min_object_covered=0.0, aspect_ratio_range=ratio, area_range=scale, max_attempts=10,
         use_image_if_no_bounding_boxes=True,
     )
-    crop = tf.slice(image, begin, box)
-    crop = tf.image.resize(tf.cast(crop, tf.float32), (size, size), method=interpolation, antialias=True)
+    crop = tf.cast(tf.slice(image, begin, box), tf.float32)
+
+    def resize(x):
+        return tf.image.resize(x, (size, size), method=interpolation, antialias=True)
+
+    def resize_transposed():  # (H, W, 3) -> (W, H, 3), resized, and back
+        return tf.transpose(resize(tf.transpose(crop, [1, 0, 2])), [1, 0, 2])
+
+    # TF resamples the rows first, into a (size, crop width) intermediate: a wide crop (a whole
+    # 1 x 80 M strip when no box fits: 215 GB) goes through transposed, into (size, crop height).
+    crop = tf.cond(box[1] > box[0], resize_transposed, lambda: resize(crop))
     return tf.clip_by_value(crop, 0.0, 255.0)
 
 
@@ -376,15 +403,22 @@ def resize_crop(image, image_size, crop_pct=0.875, squash=False):
 
     Resizes the shorter side to floor(size / crop_pct) with antialiased bicubic (PIL's filter),
     rounding to 8-bit levels after each pass as PIL does, and centre-crops; returns float32.
+    Refuses, as `eval_transform` does and before any resampling, an image whose longer side is
+    more than `MAX_ASPECT_RATIO` times its shorter one: an InvalidArgumentError saying so (in the
+    bytes signature, an error for that request).
     """
     import tensorflow as tf
 
     scale = math.floor(image_size / crop_pct)
     h, w = tf.shape(image)[0], tf.shape(image)[1]
+    short, long = tf.minimum(h, w), tf.maximum(h, w)
+    fits = (short >= 1) & (tf.cast(long, tf.int64) <= MAX_ASPECT_RATIO * tf.cast(short, tf.int64))
+    check = tf.debugging.Assert(fits, [tf.strings.format(ELONGATED, (w, h, MAX_ASPECT_RATIO))])
+    with tf.control_dependencies([check]):
+        image = tf.identity(image)
     if squash:
         new_h = new_w = tf.constant(scale)
     else:
-        short, long = tf.minimum(h, w), tf.maximum(h, w)
         new_long = tf.cast(tf.math.floor(scale * tf.cast(long, tf.float64) / tf.cast(short, tf.float64)), tf.int32)
         new_h = tf.where(w <= h, new_long, scale)
         new_w = tf.where(w <= h, scale, new_long)
@@ -600,7 +634,10 @@ def batch_mixer(recipe, seed=None):
 
 
 def eval_dataset(source, num_classes, image_size=224, crop_pct=0.875, batch_size=32, drop_remainder=False):
-    """The evaluation pipeline: the eval transform, batches of (float32 images, one-hot labels)."""
+    """The evaluation pipeline: the eval transform, batches of (float32 images, one-hot labels).
+
+    An image beyond `MAX_ASPECT_RATIO` stops it with an error, naming the file for file sources.
+    """
     import tensorflow as tf
 
     squash = crop_pct >= 1.0 and image_size >= 384
@@ -608,6 +645,6 @@ def eval_dataset(source, num_classes, image_size=224, crop_pct=0.875, batch_size
     def per_image(image, label):
         return resize_crop(image, image_size, crop_pct, squash), tf.one_hot(label, num_classes)
 
-    ds = _elements(source, shuffle=False, seed=None)
+    ds = _elements(source, shuffle=False, seed=None, max_aspect_ratio=MAX_ASPECT_RATIO)
     ds = ds.map(per_image, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)

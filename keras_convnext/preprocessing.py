@@ -15,6 +15,16 @@ from keras_convnext import presets as presets_lib
 
 _INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos")
 
+# The evaluation transform resizes the shorter side to `scale` and the longer one in proportion: a
+# 10 x 100,000 strip (3 kB of PNG) would become 256 x 2,560,000, 7.8 GB as TF's float32. Up to 16:1
+# (panoramas included) the resized map is at most 16 x scale^2 pixels and a resampling pass at most
+# scale x sqrt(16 x max_image_pixels()) (9.7 M at scale 256): less than the largest square image
+# allowed takes to decode.
+MAX_ASPECT_RATIO = 16
+# One wording for `eval_transform` and its TF graph twin (`data.resize_crop`): tf.strings.format fills {} too.
+ELONGATED = ("The image is {}x{} pixels (width x height), more elongated than the {}:1 the evaluation "
+             "transform takes: it resizes the shorter side and the longer one in proportion")
+
 
 def preprocess_input(x, mean=presets_lib.IMAGENET_MEAN, std=presets_lib.IMAGENET_STD):
     """Normalises raw [0, 255] pixels for a model built with `include_preprocessing=False`.
@@ -42,6 +52,12 @@ def eval_transform(image, image_size=None, crop_pct=None, interpolation=None, cr
     Args:
         image: a PIL image (any mode), a file path, encoded bytes, or an (H, W, 3) uint8 array.
             Files, bytes and PIL images go through `decode_image_bytes`'s conversion to RGB.
+
+    Raises:
+        ValueError: for an image whose longer side is more than `MAX_ASPECT_RATIO` (16) times its
+            shorter one, in either mode, before any resampling (files and bytes from their header,
+            before decoding): resizing it would take memory out of all proportion to its pixels.
+            `data.resize_crop`, the TF graph twin, refuses the same images.
     """
     from PIL import Image
 
@@ -63,7 +79,7 @@ def eval_transform(image, image_size=None, crop_pct=None, interpolation=None, cr
     checks.choice("interpolation", interpolation, _INTERPOLATIONS)
     checks.choice("crop_mode", crop_mode, ("center", "squash"))
 
-    image = _to_pil(image)
+    image = _to_pil(image, max_aspect_ratio=MAX_ASPECT_RATIO)
     resample = getattr(Image.Resampling, interpolation.upper())
     scale_size = math.floor(image_size / crop_pct)
     if crop_mode == "squash":
@@ -89,20 +105,32 @@ def load_image(path, image_size=None, crop_pct=None, interpolation=None, crop_mo
     return eval_transform(path, image_size, crop_pct, interpolation, crop_mode, preset)
 
 
-def _to_pil(image):
+def _to_pil(image, max_aspect_ratio=None):
     from PIL import Image
 
     if isinstance(image, Image.Image):
+        if max_aspect_ratio is not None:  # before `_rgb_image` loads a lazily opened image
+            check_aspect_ratio(*image.size, max_aspect_ratio, f"image with size={image.size}")
         return _rgb_image(image)
     if isinstance(image, (str, os.PathLike, bytes, bytearray, memoryview)):
-        return Image.fromarray(decode_image_bytes(image))
+        return Image.fromarray(decode_image_bytes(image, max_aspect_ratio=max_aspect_ratio))
     array = np.asarray(image)
     if array.ndim != 3 or array.shape[-1] != 3 or array.dtype != np.uint8:
         raise ValueError(
             "`image` must be a PIL image, a file path, encoded bytes or an (H, W, 3) uint8 array. "
             f"Received: image with shape={array.shape}, dtype={array.dtype}"
         )
+    if max_aspect_ratio is not None:
+        check_aspect_ratio(array.shape[1], array.shape[0], max_aspect_ratio, f"image with shape={array.shape}")
     return Image.fromarray(array)
+
+
+def check_aspect_ratio(width, height, max_ratio, received):
+    """Raises a ValueError (`ELONGATED`, ending "Received: " + `received`) for an empty image or one
+    whose longer side is more than `max_ratio` times its shorter one: integers, as `data.resize_crop`."""
+    if min(width, height) >= 1 and max(width, height) <= max_ratio * min(width, height):
+        return
+    raise ValueError(ELONGATED.format(width, height, max_ratio) + f". Received: {received}")
 
 
 class ImageReadError(ValueError):
@@ -184,7 +212,7 @@ def _rgb_image(image):
     return image.convert("RGB")
 
 
-def decode_image_bytes(source, path=None):
+def decode_image_bytes(source, path=None, max_aspect_ratio=None):
     """Decodes an image file or its bytes to uint8 (H, W, 3) RGB: the one decoder of `load_image`,
     `eval_transform`, `predict` and the training pipeline.
 
@@ -197,16 +225,22 @@ def decode_image_bytes(source, path=None):
     Args:
         source: a file path, or the encoded bytes.
         path: the name errors give for bytes (default: `source` when it is a path).
+        max_aspect_ratio: if given, refuse an image whose longer side is more than this many
+            times its shorter one, from the header (`check_aspect_ratio`; `eval_transform` passes
+            `MAX_ASPECT_RATIO`).
 
     Raises:
         ImageReadError (a ValueError) naming the file: damaged or truncated data, an unknown
         format, or more pixels than `max_image_pixels()` (read from the header, before decoding).
+        ValueError naming the file: beyond `max_aspect_ratio`, also before decoding.
     """
     if not isinstance(source, (bytes, bytearray, memoryview)):
         source = os.fspath(source)
         path = source if path is None else path
     image = _open(source, path)
     with image:
+        if max_aspect_ratio is not None:
+            check_aspect_ratio(*image.size, max_aspect_ratio, "image bytes" if path is None else f"path={path!r}")
         try:
             return np.asarray(_rgb_image(image), dtype=np.uint8)
         except Exception as e:  # truncated or damaged pixel data
@@ -234,8 +268,7 @@ def decode_predictions(preds, top=5):
             f"`decode_predictions` expects a batch of {len(classes)} ImageNet scores, shape "
             f"(samples, {len(classes)}). Received: preds with shape={preds.shape}"
         )
-    if not 1 <= top <= len(classes):
-        raise ValueError(f"`top` must be in [1, {len(classes)}]. Received: top={top}")
+    checks.integer("top", top, minimum=1, maximum=len(classes))
     results = []
     for row in preds:
         best = np.argsort(-row, kind="stable")[:top]

@@ -1,12 +1,16 @@
 """One image decoder: every mode gives PIL's RGB pixels through predict's decoder, the eval
 transform, the training pipeline and the SavedModel's TF graph decoder; decompression bombs and
-damaged files are ValueErrors naming the file, and `check_images` finds them before training."""
+damaged files are ValueErrors naming the file, and `check_images` finds them before training;
+images too elongated for the eval transform are refused before its resize, in PIL and in TF."""
 
 import functools
 import io
+import json
 import os
 import re
 import struct
+import subprocess
+import sys
 import time
 import warnings
 import zlib
@@ -256,6 +260,168 @@ def test_the_bound_is_pils_own_knob(monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # PIL's "no bound"
     assert decode_image_bytes(encoded).shape == (S, S, 3)
     assert data.decode_image(tf.constant(encoded)).shape == (S, S, 3)
+
+
+# ---- elongated images: refused before the eval transform's resize ------------------------------
+
+def _black_png(width, height):
+    """A real RGB PNG of black pixels, compressed as it is built (1 x 80 M: 320 MB raw, 0.3 MB of PNG)."""
+    row = b"\0" * (1 + 3 * width)  # filter byte, then the pixels
+    rows = max(1, (1 << 20) // len(row))
+    z = zlib.compressobj()
+    idat = b"".join(z.compress(row * min(rows, height - i)) for i in range(0, height, rows)) + z.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
+
+
+@pytest.fixture(scope="module")
+def elongated(tmp_path_factory):
+    """{name: (path, width, height)}: under the pixel bound, each would take gigabytes to resize."""
+    root = tmp_path_factory.mktemp("elongated")
+    files = {"wide.png": (100_000, 10), "tall.png": (1, 80_000_000)}
+    for name, (width, height) in files.items():
+        (root / name).write_bytes(_black_png(width, height))
+    return {name: (str(root / name), width, height) for name, (width, height) in files.items()}
+
+
+def _elongated(width, height):
+    return rf"The image is {width}x{height} pixels \(width x height\), more elongated than the 16:1 the evaluation"
+
+
+def test_an_elongated_image_is_refused_from_its_header(elongated):
+    start = time.perf_counter()
+    for path, width, height in elongated.values():
+        with open(path, "rb") as f:
+            encoded = f.read()
+        assert len(encoded) < 400_000
+        for mode in ("center", "squash"):
+            named = _elongated(width, height) + rf".*Received: path={re.escape(repr(path))}$"
+            with pytest.raises(ValueError, match=named):
+                kc.load_image(path, crop_mode=mode)
+            with pytest.raises(ValueError, match=_elongated(width, height) + r".*Received: image bytes$"):
+                kc.eval_transform(encoded, crop_mode=mode)
+        with Image.open(path) as opened:  # lazily opened: refused before PIL decodes it
+            with pytest.raises(ValueError, match=_elongated(width, height) + rf".*size=\({width}, {height}\)$"):
+                kc.eval_transform(opened)
+    assert time.perf_counter() - start < 2
+    # The decoder itself takes them (training's random-resized crop does); the eval transform does not.
+    assert decode_image_bytes(elongated["wide.png"][0]).shape == (10, 100_000, 3)
+    with pytest.raises(ValueError, match=r"shape=\(10, 100000, 3\)$"):
+        kc.eval_transform(np.zeros((10, 100_000, 3), np.uint8))
+
+
+def test_pil_and_tf_draw_the_line_at_the_same_place():
+    import tensorflow as tf
+
+    for height, width in ((4, 64), (64, 4), (3, 48)):  # 16:1 exactly: taken
+        image = np.zeros((height, width, 3), np.uint8)
+        for crop_pct, mode in ((0.875, "center"), (1.0, "squash")):
+            ours = kc.eval_transform(image, image_size=S, crop_pct=crop_pct, crop_mode=mode)
+            graph = data.resize_crop(tf.constant(image), S, crop_pct, mode == "squash")
+            assert ours.shape == graph.shape == (S, S, 3)
+    for height, width in ((4, 65), (65, 4), (1, 17), (0, 5)):  # past 16:1 (or empty): refused by both
+        image = np.zeros((height, width, 3), np.uint8)
+        for squash in (False, True):
+            with pytest.raises(ValueError, match=_elongated(width, height)):
+                kc.eval_transform(image, image_size=S, crop_mode="squash" if squash else "center")
+            with pytest.raises(tf.errors.InvalidArgumentError, match=_elongated(width, height)):
+                data.resize_crop(tf.constant(image), S, 0.875, squash)
+
+
+def test_the_tf_eval_transform_refuses_them_in_every_graph(elongated):
+    import tensorflow as tf
+
+    from keras_convnext.export import tf_eval_transform
+
+    path, width, height = elongated["wide.png"]
+    with open(path, "rb") as f:
+        encoded = tf.constant(f.read())
+    # The bytes signature: one request's error, in a traced graph.
+    serving = tf.function(lambda d: tf_eval_transform(d, 224, 0.875))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=_elongated(width, height)):
+        serving(encoded)
+    # The evaluation pipeline: a file is named, a decoded dataset's image described.
+    good = os.path.join(os.path.dirname(path), "good.png")
+    with open(good, "wb") as f:
+        f.write(CASES["rgb.png"][0])
+    for name, (path, width, height) in elongated.items():
+        ds = data.eval_dataset(([good, path], [0, 1]), 2, image_size=S, crop_pct=1.0, batch_size=2)
+        with pytest.raises(tf.errors.OpError, match=_elongated(width, height) + rf".*Received: path='.*{name}'"):
+            next(iter(ds))
+    decoded = tf.data.Dataset.from_tensors((tf.zeros([10, 100_000, 3], tf.uint8), 0))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=_elongated(100_000, 10)):
+        next(iter(data.eval_dataset(decoded, 2, image_size=S)))
+
+
+def test_random_resized_crop_resizes_a_wide_crop_as_it_resizes_a_tall_one():
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    for shape in ((37, 90, 3), (90, 37, 3)):
+        image = tf.constant(rng.integers(0, 256, shape, dtype=np.uint8))
+        # Area 1.0 at a ratio the image does not have: no box fits, the whole image is resized.
+        crop = data.random_resized_crop(image, S, scale=(1.0, 1.0), ratio=(5.0, 5.0)).numpy()
+        whole = tf.image.resize(tf.cast(image, tf.float32), (S, S), method="bicubic", antialias=True)
+        np.testing.assert_allclose(crop, tf.clip_by_value(whole, 0.0, 255.0).numpy(), atol=1e-3)
+
+
+MEMORY_CHECK = r"""
+import json, resource, sys, time
+import tensorflow as tf
+import keras_convnext as kc
+from keras_convnext import data
+
+normal, wide, tall = sys.argv[1:]
+strips = [tf.zeros(shape, tf.uint8) for shape in ([1, 2_000_000, 3], [2_000_000, 1, 3])]  # 6 MB each
+# The same calls on a normal image first: what they initialise once is not counted.
+kc.load_image(normal)
+next(iter(data.eval_dataset(([normal], [0]), 1)))
+data.resize_crop(tf.zeros([30, 40, 3], tf.uint8), 224)
+data.random_resized_crop(tf.zeros([30, 40, 3], tf.uint8), 224)
+# A regression fails here (MemoryError, ResourceExhausted) rather than swapping the machine.
+with open("/proc/self/status") as f:
+    vm = int(next(line for line in f if line.startswith("VmSize")).split()[1]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + 4 * 2**30, resource.getrlimit(resource.RLIMIT_AS)[1]))
+before, start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter()
+refused = []
+for path in (wide, tall):
+    try:
+        kc.load_image(path)
+    except ValueError as e:
+        refused.append(str(e))
+    try:
+        next(iter(data.eval_dataset(([path], [0]), 1)))
+    except tf.errors.OpError as e:
+        refused.append(e.message)
+for strip in strips:  # a shorter side resized to 256 px would make 512 M pixels
+    try:
+        data.resize_crop(strip, 224)
+    except tf.errors.InvalidArgumentError as e:
+        refused.append(e.message)
+# Training takes them: its crop is resized through a (224, shorter side) intermediate.
+crops = [list(data.random_resized_crop(strip, 224).shape) for strip in strips]
+print(json.dumps({"grown_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024,
+                  "seconds": time.perf_counter() - start, "refused": refused, "crops": crops}))
+"""
+
+
+def test_refusing_them_allocates_nothing_large(elongated, tmp_path):
+    normal = tmp_path / "normal.png"
+    normal.write_bytes(CASES["rgb.png"][0])
+    done = subprocess.run([sys.executable, "-c", MEMORY_CHECK, str(normal), elongated["wide.png"][0],
+                           elongated["tall.png"][0]], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", KERAS_BACKEND="tensorflow"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    shapes = [(100_000, 10), (100_000, 10), (1, 80_000_000), (1, 80_000_000), (2_000_000, 1), (1, 2_000_000)]
+    assert len(result["refused"]) == len(shapes)
+    for i, (message, (width, height)) in enumerate(zip(result["refused"], shapes)):
+        assert re.search(_elongated(width, height), message), message
+        assert i >= 4 or re.search(r"Received: path='.*(wide|tall)\.png'", message), message  # files are named
+    assert result["crops"] == [[224, 224, 3], [224, 224, 3]]
+    # Resizing the first took 2.6 GB (PIL) and 7.8 GB (TF), the others more than int32 counts: now, next to nothing.
+    assert result["grown_mb"] < 150, result
+    assert result["seconds"] < 20, result
 
 
 # ---- damaged files -----------------------------------------------------------------------------

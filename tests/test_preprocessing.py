@@ -79,3 +79,6 @@ def test_decode_predictions_uses_the_shipped_class_names():
         kc.decode_predictions(np.zeros((2, 10)))
     with pytest.raises(ValueError, match=r"Received: top=0"):
         kc.decode_predictions(preds, top=0)
+    for top in (True, 2.5, 1001):
+        with pytest.raises(ValueError, match=rf"`top` must be .*Received: top={top}"):
+            kc.decode_predictions(preds, top=top)

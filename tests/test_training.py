@@ -693,3 +693,14 @@ def test_example_digits_from_scratch(tiny_variant_by_name, tmp_path):
     result = _example("digits_from_scratch").main(
         ["--epochs", "1", "--variant", tiny_variant_by_name, "--out", str(tmp_path)])
     assert result["epochs"] == 1 and 0.0 <= result["accuracy"] <= 1.0
+
+
+def test_an_image_too_elongated_to_evaluate_is_named_before_training(folder, tmp_path, no_model):
+    from PIL import Image
+
+    data_dir = tmp_path / "data"
+    shutil.copytree(folder, data_dir)
+    strip = data_dir / "class1" / "strip.png"
+    Image.new("RGB", (400, 10)).save(strip)  # 40:1: the evaluation transform refuses it
+    with pytest.raises(ValueError, match=r"1 of \d+ images cannot be read: .*strip\.png' \(.*more elongated than"):
+        train(str(data_dir), str(tmp_path / "run"), variant=tiny_variant(), epochs=1, **TINY_RUN)
