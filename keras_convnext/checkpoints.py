@@ -35,30 +35,36 @@ _MAX_MARKS = 100  # MARK nesting: torch.save's is 3
 _MAX_NESTING = 100  # containers inside containers
 _MAX_NDIM = 64
 _MAX_VIEW_FACTOR = 4  # the views of one storage hold at most 4x its elements together
-_MAX_EXPANSION = 100  # a compressed member or HDF5 dataset inflating more than 100x ...
-_EXPANSION_FLOOR = 16 * 2**20  # ... to over 16 MiB is a bomb (Keras's .keras reader uses 100x too)
+_MAX_EXPANSION = 100  # a zip member or HDF5 dataset inflating more than 100x ...
+_EXPANSION_FLOOR = 16 * 2**20  # ... to over 16 MiB is a bomb (Keras's .keras reader uses 100x too); so are
+# all the members one load inflates, or all the datasets of one HDF5 file, together over 100x the file
 _MAX_SAFETENSORS_HEADER = 100 * 2**20
 _MAX_CONFIG_BYTES = 2**20
 _FLOATING = "floating tensors only (float16, bfloat16, float32, float64)"
 
 _quote = reprlib.Repr()
 _quote.maxstring = _quote.maxother = 120
+quote = _quote.repr  # a name or value from a file, in a message: repr, cut to 120 characters
 
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be read or does not fit the model."""
 
 
+def reason(error):
+    """An exception as one line, `Type: message` (whitespace collapsed, the message cut at 300 characters)."""
+    return f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
+
+
 @contextlib.contextmanager
-def _reading(path, what):
+def reading(path, what):
     """Turns anything a damaged file raises (EOFError, KeyError, zlib.error...) into a CheckpointError."""
     try:
         yield
     except CheckpointError:
         raise
     except Exception as e:
-        detail = " ".join(str(e).split())[:300]
-        raise CheckpointError(f"{path}: cannot read the {what} ({type(e).__name__}: {detail}).") from e
+        raise CheckpointError(f"{path}: cannot read the {what} ({reason(e)}).") from e
 
 
 def sniff_format(path):
@@ -68,7 +74,7 @@ def sniff_format(path):
     `check_hdf5`, because Keras reads `.weights.h5` and `.keras` files itself, later.
     """
     path = os.fspath(path)
-    with _reading(path, "file"):
+    with reading(path, "file"):
         with open(path, "rb") as f:
             head = f.read(16)
         if head.startswith(ZIP_MAGIC):
@@ -108,13 +114,17 @@ def sniff_format(path):
 def check_tensors(tensors, path):
     """Refuses, by name, any tensor of {name: tensor} that is not a finite floating array."""
     for name, value in tensors.items():
-        dtype = value.dtype if isinstance(value, (np.ndarray, _Unreadable)) else type(value).__name__
-        if not isinstance(value, np.ndarray) or value.dtype.kind != "f" or value.dtype.itemsize not in (2, 4, 8):
-            raise CheckpointError(f"{path}: tensor {_quote.repr(name)} has dtype {dtype}; "
-                                  f"keras_convnext reads {_FLOATING}.")
-        if not np.isfinite(value).all():
-            raise CheckpointError(f"{path}: tensor {_quote.repr(name)} holds NaN or infinite values.")
+        _check_tensor(name, value, path)
     return tensors
+
+
+def _check_tensor(name, value, path):
+    dtype = value.dtype if isinstance(value, (np.ndarray, _Unreadable)) else type(value).__name__
+    if not isinstance(value, np.ndarray) or value.dtype.kind != "f" or value.dtype.itemsize not in (2, 4, 8):
+        raise CheckpointError(f"{path}: tensor {_quote.repr(name)} has dtype {dtype}; "
+                              f"keras_convnext reads {_FLOATING}.")
+    if not np.isfinite(value).all():
+        raise CheckpointError(f"{path}: tensor {_quote.repr(name)} holds NaN or infinite values.")
 
 
 # --- zip archives -----------------------------------------------------------------------------
@@ -137,11 +147,47 @@ class _CappedFile(io.FileIO):
         return super().read(size)
 
 
+class _Zip(zipfile.ZipFile):
+    """An archive open for one load, with one budget for all the bytes its members inflate to.
+
+    Each member is bounded by its own size too, but a thousand members of 16 MiB of deflated
+    zeros would each pass that and together cost 16 GiB.
+    """
+
+    def __init__(self, file, path):
+        super().__init__(file)
+        self.path, self.size = path, os.fstat(file.fileno()).st_size
+        self.budget, self.inflated = max(_EXPANSION_FLOOR, _MAX_EXPANSION * self.size), 0
+
+    def check_member(self, info):
+        """Refuses, before anything is inflated, a member that cannot be what its directory entry says."""
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise CheckpointError(f"{self.path}: member {info.filename!r} uses zip compression method "
+                                  f"{info.compress_type}; only stored and deflated members are read.")
+        if info.header_offset + info.compress_size > self.size:
+            raise CheckpointError(f"{self.path}: member {info.filename!r} claims {info.compress_size} compressed "
+                                  f"bytes from offset {info.header_offset} of a {self.size}-byte file.")
+        if info.file_size > max(_EXPANSION_FLOOR, _MAX_EXPANSION * info.compress_size):
+            raise CheckpointError(f"{self.path}: member {info.filename!r} inflates {info.compress_size} bytes to "
+                                  f"{info.file_size}: a zip bomb, refused before inflating it.")
+
+    def charge(self, info):
+        """Checks `info` and counts its bytes against the budget, before they are inflated."""
+        self.check_member(info)
+        self.inflated += info.file_size
+        if self.inflated > self.budget:
+            raise CheckpointError(
+                f"{self.path}: its zip members inflate to over {self.budget} bytes (at most {_MAX_EXPANSION}x "
+                f"the file's {self.size}, or {_EXPANSION_FLOOR}): a zip bomb, refused before inflating "
+                f"{info.filename!r}."
+            )
+
+
 @contextlib.contextmanager
 def _open_zip(path):
     with _CappedFile(path, "r") as raw:
         raw.limit = _MAX_ZIP_DIRECTORY
-        with zipfile.ZipFile(raw) as archive:
+        with _Zip(raw, path) as archive:
             raw.limit = None
             names = archive.namelist()
             if len(names) > _MAX_ZIP_MEMBERS:
@@ -151,13 +197,27 @@ def _open_zip(path):
             yield archive
 
 
-def _check_compression(info, path):
-    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-        raise CheckpointError(f"{path}: member {info.filename!r} uses zip compression method {info.compress_type}; "
-                              "only stored and deflated members are read.")
-    if info.file_size > max(_EXPANSION_FLOOR, _MAX_EXPANSION * info.compress_size):
-        raise CheckpointError(f"{path}: member {info.filename!r} inflates {info.compress_size} bytes to "
-                              f"{info.file_size}: a zip bomb, refused before inflating it.")
+def check_zip(path):
+    """Refuses a zip archive that is damaged or a bomb: every member read through its CRC, in chunks.
+
+    The same opener and limits as every load here (directory size, member count, names once,
+    one inflation budget), so a download is checked by the rules it will be read by.
+    """
+    path = os.fspath(path)
+    with reading(path, "zip archive"), _open_zip(path) as archive:
+        for info in archive.infolist():
+            archive.charge(info)
+            done = 0
+            with archive.open(info) as f:
+                try:
+                    while chunk := f.read(2**24):
+                        done += len(chunk)
+                except zipfile.BadZipFile as e:  # what zipfile raises for a CRC that does not match
+                    raise CheckpointError(f"{path}: zip member {info.filename!r} fails its CRC check "
+                                          f"({reason(e)}).") from e
+            if done != info.file_size:
+                raise CheckpointError(f"{path}: member {info.filename!r} holds {done} bytes, its directory entry "
+                                      f"says {info.file_size}.")
 
 
 def _read_member(archive, info, path):
@@ -165,7 +225,7 @@ def _read_member(archive, info, path):
 
     zipfile stops inflating at the directory's `file_size` and checks the CRC there.
     """
-    _check_compression(info, path)
+    archive.charge(info)
     out = np.empty(info.file_size, np.uint8)
     done = 0
     with archive.open(info) as f:
@@ -399,14 +459,18 @@ class _TorchPickle:
         return target
 
     def build(self, target, state):
-        """BUILD: only a fresh OrderedDict takes state (a state dict's `_metadata`), as attributes."""
+        """BUILD: only an OrderedDict this load built takes state: a state dict's `_metadata`, plain data.
+
+        Any other attribute would shadow a method (`get`, `items`) that `state_dict_of` calls.
+        """
         if type(target) is not OrderedDict:
             raise self.fail(f"the pickle sets the state of a {type(target).__name__}; only an OrderedDict "
                             "it built may take state.")
         if state is None:
             return
-        if type(state) is not dict or not all(type(k) is str and not k.startswith("__") for k in state):
-            raise self.fail(f"an OrderedDict state of {_quote.repr(state)}, not a dict of attribute names.")
+        if type(state) is not dict or set(state) - {"_metadata"} or not _plain(state):
+            raise self.fail(f"an OrderedDict state of {_quote.repr(state)}; a state dict takes only its "
+                            "'_metadata' (plain data).")
         vars(target).update(state)
 
     def find_global(self, module, qualname):
@@ -505,13 +569,31 @@ class _TorchPickle:
         return array.copy()
 
 
+def _plain(obj):
+    """Whether `obj` holds only containers, strings and numbers (no tensor, storage or marker)."""
+    seen, todo = set(), [obj]
+    while todo:
+        value = todo.pop()
+        if type(value) in (dict, OrderedDict, list, tuple):
+            if id(value) not in seen:  # each a live object of the load: ids stay unique
+                seen.add(id(value))
+                todo.extend([*value.keys(), *value.values()] if isinstance(value, dict) else value)
+        elif type(value) not in (str, int, float, bool, bytes, type(None)):
+            return False
+    return True
+
+
 def _tensors_in(obj, path):
-    """{dotted name: tensor} of every tensor anywhere in a loaded pickle."""
-    found, seen, todo = {}, set(), [("", obj, 0)]
+    """(dotted name, tensor) of every place a tensor sits in a loaded pickle.
+
+    A list, not a dict: `{"model.x": a, "model": {"x": b}}` names two tensors 'model.x', and both
+    must be checked (`state_dict_of` returns `b`).
+    """
+    found, seen, todo = [], set(), [("", obj, 0)]
     while todo:
         name, value, depth = todo.pop()
         if type(value) in (np.ndarray, _Unreadable):
-            found.setdefault(name or "<root>", value)
+            found.append((name or "<root>", value))
         elif type(value) in (dict, OrderedDict, list, tuple) and id(value) not in seen:
             if depth >= _MAX_NESTING:
                 raise CheckpointError(f"{path}: containers nested over {_MAX_NESTING} deep.")
@@ -524,7 +606,7 @@ def _tensors_in(obj, path):
 def load_torch_zip(path):
     """The object a PyTorch zip checkpoint holds (a state dict, or a dict around one), tensors as arrays."""
     path = os.fspath(path)
-    with _reading(path, "PyTorch checkpoint"), _open_zip(path) as archive:
+    with reading(path, "PyTorch checkpoint"), _open_zip(path) as archive:
         pickles = [n for n in archive.namelist() if n.endswith("/data.pkl")]
         if len(pickles) != 1:
             raise CheckpointError(f"{path}: a zip archive with {len(pickles)} data.pkl members, not one.")
@@ -537,7 +619,8 @@ def load_torch_zip(path):
         if info.file_size > _MAX_PICKLE_BYTES:
             raise CheckpointError(f"{path}: a data.pkl of {info.file_size} bytes (at most {_MAX_PICKLE_BYTES}).")
         obj = _TorchPickle(archive, prefix, path).load(_read_member(archive, info, path).tobytes())
-        check_tensors(_tensors_in(obj, path), path)
+        for name, value in _tensors_in(obj, path):
+            _check_tensor(name, value, path)
     return obj
 
 
@@ -546,22 +629,30 @@ def load_torch_zip(path):
 _SAFETENSORS_FLOATS = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
 
 
-def _no_duplicates(pairs):
-    if len({key for key, _ in pairs}) != len(pairs):
-        raise ValueError("a key appears twice in the header")
+def _no_duplicates(pairs, path):
+    names = set()
+    for name, _ in pairs:
+        if name in names:
+            raise CheckpointError(f"{path}: a safetensors header naming tensor {_quote.repr(name)} twice.")
+        names.add(name)
     return dict(pairs)
 
 
 def safetensors_header(path):
-    """{name: (dtype, shape, begin, end)}, file offsets, of a header checked to describe the file."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        prefix = f.read(8)
-        n = int.from_bytes(prefix, "little")
-        if len(prefix) < 8 or not 2 <= n <= min(_MAX_SAFETENSORS_HEADER, size - 8):
-            raise CheckpointError(f"{path}: a safetensors header of {n} bytes in a file of {size} "
-                                  f"(at most {_MAX_SAFETENSORS_HEADER}).")
-        header = json.loads(f.read(n), object_pairs_hook=_no_duplicates)
+    """{name: (dtype, shape, begin, end)}, file offsets, of a header checked to describe the file.
+
+    Every way the header can be wrong (not JSON, nested too deep, a name twice) is a CheckpointError.
+    """
+    path = os.fspath(path)
+    with reading(path, "safetensors file"):
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            n = int.from_bytes(prefix, "little")
+            if len(prefix) < 8 or not 2 <= n <= min(_MAX_SAFETENSORS_HEADER, size - 8):
+                raise CheckpointError(f"{path}: a safetensors header of {n} bytes in a file of {size} "
+                                      f"(at most {_MAX_SAFETENSORS_HEADER}).")
+            header = json.loads(f.read(n), object_pairs_hook=lambda pairs: _no_duplicates(pairs, path))
     if type(header) is not dict:
         raise CheckpointError(f"{path}: a safetensors header that is not a JSON object.")
     entries, data_start = {}, 8 + n
@@ -599,7 +690,7 @@ def load_safetensors(path):
     from safetensors import safe_open
 
     path = os.fspath(path)
-    with _reading(path, "safetensors file"):
+    with reading(path, "safetensors file"):
         header = safetensors_header(path)
         tensors = {}
         with safe_open(path, framework="np") as f:
@@ -628,14 +719,15 @@ def check_hdf5(path):
     import h5py
 
     path = os.fspath(path)
-    with _reading(path, "HDF5 file"), h5py.File(path, "r") as f:
-        _walk_hdf5(f, path)
+    with reading(path, "HDF5 file"), h5py.File(path, "r") as f:
+        _walk_hdf5(f, path, os.path.getsize(path))
 
 
-def _walk_hdf5(root, where):
+def _walk_hdf5(root, where, size):
     import h5py
 
     seen, todo = set(), [root]
+    budget, declared = max(_EXPANSION_FLOOR, _MAX_EXPANSION * size), 0
     while todo:
         group = todo.pop()
         for name in group:
@@ -654,10 +746,15 @@ def _walk_hdf5(root, where):
             if isinstance(obj, h5py.Group):
                 todo.append(obj)
             elif isinstance(obj, h5py.Dataset):
-                _check_dataset(obj, full, where)
+                declared += _check_dataset(obj, full, where)
+                if declared > budget:
+                    raise CheckpointError(f"{where}: its datasets declare over {budget} bytes (at most "
+                                          f"{_MAX_EXPANSION}x the file's {size}, or {_EXPANSION_FLOOR}); "
+                                          "refusing to inflate them.")
 
 
 def _check_dataset(dataset, name, where):
+    """Checks one dataset; returns the bytes it declares."""
     if dataset.is_virtual:
         raise CheckpointError(f"{where}: dataset {name!r} is virtual (it maps other files); refusing it.")
     if dataset.id.get_create_plist().get_external_count():
@@ -667,13 +764,14 @@ def _check_dataset(dataset, name, where):
     if declared > max(_EXPANSION_FLOOR, _MAX_EXPANSION * stored):
         raise CheckpointError(f"{where}: dataset {name!r} declares {declared} bytes but stores {stored}; "
                               "refusing to inflate it.")
+    return declared
 
 
 class _StoredMember(io.RawIOBase):
     """A stored (uncompressed) zip member, read in place.
 
     h5py seeks back and forth; a `ZipFile.open` stream answers each backward seek by re-reading
-    the member from its start (Python 3.11).
+    (re-inflating) the member from its start (Python 3.11), which is why a deflated one is refused.
     """
 
     def __init__(self, path, info):
@@ -713,14 +811,16 @@ class _StoredMember(io.RawIOBase):
 
 
 def _check_hdf5_member(archive, name, path):
-    """`check_hdf5` for the HDF5 file inside a `.keras` archive."""
+    """`check_hdf5` for the HDF5 file inside a `.keras` archive, read in place."""
     import h5py
 
     info = archive.getinfo(name)
-    _check_compression(info, path)
-    member = _StoredMember(path, info) if info.compress_type == zipfile.ZIP_STORED else archive.open(info)
-    with member, h5py.File(member, "r") as f:
-        _walk_hdf5(f, f"{path} ({name})")
+    archive.check_member(info)
+    if info.compress_type != zipfile.ZIP_STORED:  # Keras always stores it
+        raise CheckpointError(f"{path}: member {name!r} is compressed; Keras stores it uncompressed, and "
+                              "keras_convnext reads it only so (in place).")
+    with _StoredMember(path, info) as member, h5py.File(member, "r") as f:
+        _walk_hdf5(f, f"{path} ({name})", info.file_size)
 
 
 def _names(group, attribute, path):
@@ -740,7 +840,7 @@ def load_keras_h5_legacy(path):
     path = os.fspath(path)
     check_hdf5(path)
     tensors = {}
-    with _reading(path, "Keras .h5 file"), h5py.File(path, "r") as f:
+    with reading(path, "Keras .h5 file"), h5py.File(path, "r") as f:
         group = f.get("model_weights", f)
         if not isinstance(group, h5py.Group):
             raise CheckpointError(f"{path}: 'model_weights' is not a group.")
@@ -764,6 +864,20 @@ def load_keras_h5_legacy(path):
 
 # --- what a loaded file holds -----------------------------------------------------------------
 
+class OnceEach:
+    """{name: value} under new names, each filled once: "every source tensor consumed" holds only
+    if no two source keys land on one name, so a second one is refused, naming both."""
+
+    def __init__(self, path):
+        self.path, self.values, self.sources = path, {}, {}
+
+    def put(self, name, value, source):
+        if name in self.sources:
+            raise CheckpointError(f"{self.path}: tensors {_quote.repr(self.sources[name])} and {_quote.repr(source)} "
+                                  f"both become {_quote.repr(name)}; a checkpoint holds each weight once.")
+        self.sources[name], self.values[name] = source, value
+
+
 def state_dict_of(obj, path):
     """The flat {name: array} of a loaded checkpoint, unwrapping `{"model": ...}` and the like."""
     for key in ("model", "state_dict", "model_state_dict"):
@@ -772,14 +886,14 @@ def state_dict_of(obj, path):
             break
     if not isinstance(obj, dict) or not obj:
         raise CheckpointError(f"{path}: holds no state dict (found {type(obj).__name__}).")
-    out = {}
+    out = OnceEach(path)
     for key, value in obj.items():
         if type(key) is not str or not isinstance(value, np.ndarray):
             raise CheckpointError(
                 f"{path}: entry {_quote.repr(key)} is a {type(value).__name__}, not a named tensor."
             )
-        out[key[len("module."):] if key.startswith("module.") else key] = value
-    return out
+        out.put(key[len("module."):] if key.startswith("module.") else key, value, key)
+    return out.values
 
 
 def read_hf_config(path):
@@ -787,7 +901,7 @@ def read_hf_config(path):
     config = os.path.join(os.path.dirname(os.fspath(path)), "config.json")
     if not os.path.isfile(config):
         return {}
-    with _reading(config, "Hugging Face config"):
+    with reading(config, "Hugging Face config"):
         with open(config, "rb") as f:
             raw = f.read(_MAX_CONFIG_BYTES + 1)
         if len(raw) > _MAX_CONFIG_BYTES:

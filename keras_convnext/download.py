@@ -2,11 +2,12 @@
 
 Every download is written aside (`files.atomic_path`), checked, and only then renamed into place,
 so the cache holds complete files or none: the byte count against Content-Length, the published
-hash where there is one, and always the payload itself (a complete zip with every CRC right, a
-safetensors header whose offsets fit the file, an HDF5 file that opens), so an HTML error page or a
-body cut short by a closed connection never lands. A cached file that no longer reads is moved
-aside with a warning and fetched again. Only http:// and https:// are fetched, redirects included;
-the whole transfer has a deadline and waiting on another process's lock a bound.
+hash where there is one, and always the payload itself, by the readers' own checks in
+`checkpoints` (a zip with every CRC right and no bomb, a safetensors header whose offsets fit the
+file, an HDF5 file walked whole), so an HTML error page or a body cut short by a closed connection
+never lands. A cached file that no longer reads is moved aside with a warning and fetched again.
+Only http:// and https:// are fetched, redirects included; the whole transfer has a deadline and
+waiting on another process's lock a bound.
 """
 
 import contextlib
@@ -21,10 +22,8 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import warnings
-import zipfile
-import zlib
 
-from keras_convnext import checkpoints, files
+from keras_convnext import checkpoints, checks, files
 
 SCHEMES = ("http", "https")
 SOCKET_TIMEOUT = 60  # seconds one read may wait for data
@@ -35,7 +34,6 @@ FORMATS = ("torch_zip", "safetensors", "keras", "keras_weights_h5", "keras_h5_le
 # What each `Preset.format` is published as (keras_convnext.presets).
 _PRESET_FORMATS = {"official": ("torch_zip",), "timm": ("torch_zip", "safetensors"),
                    "keras_h5": ("keras_h5_legacy",)}
-_KERAS_MEMBERS = ("config.json", "model.weights.h5")
 
 
 class DownloadError(OSError):
@@ -68,18 +66,17 @@ def _by_hand(dest):
 
 def _seconds(value, env, default, name):
     """`value`, else the environment variable `env`, else `default`: a positive number of seconds."""
-    source = name
-    if value is None:
-        value = os.environ.get(env) or None
-        if value is None:
-            return default
-        source = env
+    if value is not None:
+        return checks.number(name, value, 0.0, low_open=True)  # not True, nan, inf or "5"
+    text = os.environ.get(env)
+    if not text:
+        return default
     try:
-        seconds = float(value)
-    except (TypeError, ValueError):
+        seconds = float(text)
+    except ValueError:
         seconds = math.nan
-    if not seconds > 0:  # also refuses nan
-        raise ValueError(f"`{source}` must be a positive number of seconds. Received: {source}={value!r}")
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"`{env}` must be a positive number of seconds. Received: {env}={text!r}")
     return seconds
 
 
@@ -137,7 +134,11 @@ def clean(folder):
     """Removes what killed runs left in `folder`; returns the names removed."""
     removed = files.clean_leftovers(folder)
     # Versions before files.partial_name wrote `.download-*.part` and `.convert-*`, with no owner
-    # in the name: swept once nothing has written to them for an hour.
+    # in the name: swept once nothing has written to them for an hour, and only in the cache,
+    # where they wrote them; anywhere else such a name may be the user's own file.
+    cache = {os.path.realpath(d) for d in (cache_dir(), downloads_dir())}
+    if os.path.realpath(folder) not in cache:
+        return removed
     for pattern in (".download-*.part", ".convert-*"):
         for path in glob.glob(os.path.join(glob.escape(folder), pattern)):
             with contextlib.suppress(OSError):
@@ -147,58 +148,40 @@ def clean(folder):
     return removed
 
 
-def move_aside(path, problem, what="the cached file"):
-    """Renames a cached file that does not read to `<name>.corrupt-<time>` (only the latest kept)."""
+def move_aside(path, problem=None, what="the cached file"):
+    """Renames a cached file that does not read to `<name>.corrupt-<time>` (only the latest kept).
+
+    Returns the new name; with a `problem`, warns that the file is being fetched again.
+    """
     for old in glob.glob(glob.escape(path) + ".corrupt-*"):
         with contextlib.suppress(OSError):
             os.remove(old)
     aside = f"{path}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
     os.replace(path, aside)
-    warnings.warn(f"{what} {path} does not read ({problem}): moved it aside to {aside} and "
-                  "fetching it again.", stacklevel=3)
+    if problem is not None:
+        warnings.warn(f"{what} {path} does not read ({problem}): moved it aside to {aside} and "
+                      "fetching it again.", stacklevel=3)
     return aside
 
 
 # --- what a payload must be -------------------------------------------------------------------
 
-def _zip_problem(path):
+def _problem(check, path):
+    """What `check(path)` (one of the readers' own checks) refuses in `path`, without the path; else None."""
     try:
-        with zipfile.ZipFile(path) as archive:
-            infos = archive.infolist()
-            # Checkpoints are stored or barely compress: a larger claim is a damaged directory or a bomb.
-            unpacked, bound = sum(i.file_size for i in infos), 16 * os.path.getsize(path) + (1 << 20)
-            if unpacked > bound:
-                return f"the zip archive claims {unpacked} unpacked bytes, more than {bound}"
-            bad = archive.testzip()
-            if bad is not None:
-                return f"zip member {bad!r} fails its CRC check"
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, NotImplementedError,
-            RuntimeError) as e:
-        return f"a damaged zip archive ({e})"
-    return None
-
-
-def _safetensors_problem(path):
-    try:
-        checkpoints.safetensors_header(path)  # offsets inside the file, no overlap, no gap, no tail
+        check(path)
     except checkpoints.CheckpointError as e:
         return str(e).replace(f"{path}: ", "").rstrip(".")
     return None
 
 
-def _hdf5_problem(path):
-    import h5py
-
-    try:
-        with h5py.File(path, "r"):
-            pass  # HDF5 compares the file's size with the end its superblock records
-    except OSError as e:
-        return f"HDF5 cannot open it ({e})"
-    return None
-
-
 def checkpoint_problem(path, formats=None):
-    """None if `path` is a complete checkpoint of one of `formats` (default: any), else what is wrong."""
+    """None if `path` is a complete checkpoint of one of `formats` (default: any), else what is wrong.
+
+    The checks are the readers' own (`checkpoints`), by the limits the file will be read by: a
+    zip has every member read through its CRC, an HDF5 file is walked, a safetensors header
+    checked against the file's size.
+    """
     formats = _formats(formats)
     if not os.path.isfile(path):
         return "no such file"
@@ -208,23 +191,19 @@ def checkpoint_problem(path, formats=None):
         return "an empty file"
     if head.lstrip()[:1] == b"<":
         return f"an HTML or XML page, not a checkpoint (it starts {head[:24]!r})"
-    # The container first, in this module's words: sniff_format then names what it holds.
-    problem = (_zip_problem(path) if head.startswith(checkpoints.ZIP_MAGIC)
-               else _hdf5_problem(path) if head.startswith(checkpoints.HDF5_MAGIC) else None)
+    # The container first (a cut-short download shows here), then what it holds.
+    problem = (_problem(checkpoints.check_zip, path) if head.startswith(checkpoints.ZIP_MAGIC)
+               else _problem(checkpoints.check_hdf5, path) if head.startswith(checkpoints.HDF5_MAGIC) else None)
     if problem:
         return problem
     try:
-        fmt = checkpoints.sniff_format(path)
-    except (checkpoints.CheckpointError, OSError, ValueError, zipfile.BadZipFile) as e:
-        return str(e).replace(f"{path}: ", "")
+        fmt = checkpoints.sniff_format(path)  # a "keras" archive holds config.json and model.weights.h5
+    except (checkpoints.CheckpointError, OSError) as e:
+        return str(e).replace(f"{path}: ", "").rstrip(".")
     if fmt not in formats:
         return f"a {fmt} file, not {' or '.join(formats)}"
-    if fmt == "keras":
-        with zipfile.ZipFile(path) as archive:
-            missing = [m for m in _KERAS_MEMBERS if m not in archive.namelist()]
-        return f"the .keras archive lacks {', '.join(missing)}" if missing else None
     if fmt == "safetensors":
-        return _safetensors_problem(path)
+        return _problem(checkpoints.safetensors_header, path)  # offsets inside the file, no overlap, gap or tail
     return None
 
 

@@ -93,10 +93,13 @@ def _load_model(model):
         return ConvNeXt(v.depths, v.dims, weights=preset.name, classes=preset.classes), preset
     if not os.path.isfile(model):
         raise ValueError(f"No .keras file or preset of that name. Received: model={model!r}")
+    from keras_convnext.checkpoints import CheckpointError
+    from keras_convnext.weights import load_keras_model
+
     try:
-        return keras.saving.load_model(model, compile=False), None
-    except Exception as e:
-        raise ValueError(f"Cannot read a Keras model from this file ({type(e).__name__}: {e}). Received: model={model!r}") from e
+        return load_keras_model(model), None  # the HDF5 inside checked first, as every checkpoint
+    except CheckpointError as e:
+        raise CheckpointError(f"Cannot read a Keras model from this file: {e} Received: model={model!r}") from e
 
 
 def tf_eval_transform(data, image_size, crop_pct=0.875, squash=False):

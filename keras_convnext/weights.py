@@ -43,17 +43,8 @@ _HF_RULES = [
     (r"^classifier\.", "head."),
 ]
 
-
-def _rename(state, rules):
-    out = {}
-    for key, value in state.items():
-        for pattern, replacement in rules:
-            new, n = re.subn(pattern, replacement, key)
-            if n:
-                key = new
-                break
-        out[key] = value
-    return out
+# Each layout's renaming to official keys: (rules, the first of which matching applies; a prefix dropped first).
+_LAYOUT_RULES = {"official": ((), None), "timm": (_TIMM_RULES, None), "huggingface": (_HF_RULES, "convnext.")}
 
 
 def detect_layout(state):
@@ -68,42 +59,102 @@ def detect_layout(state):
 
 
 def to_official(state, path):
-    """Any PyTorch-layout ConvNeXt state dict -> official keys (timm, Hugging Face or official)."""
+    """Any PyTorch-layout ConvNeXt state dict -> (official keys -> arrays, layout).
+
+    Two source keys that rename to one official key are refused, naming both.
+    """
+    state, layout, _ = _to_official(state, path)
+    return state, layout
+
+
+def _to_official(state, path):
+    """`to_official`, and {official key: the source key it came from} for errors naming the file's keys."""
     layout = detect_layout(state)
-    if layout == "timm":
-        state = _rename(state, _TIMM_RULES)
-        # timm's small variants store fc1/fc2 as 1x1 convs, (out, in, 1, 1): the same matrix.
-        state = {k: v[:, :, 0, 0] if "pwconv" in k and v.ndim == 4 else v for k, v in state.items()}
-    elif layout == "huggingface":
-        state = {k[len("convnext."):] if k.startswith("convnext.") else k: v for k, v in state.items()}
-        state = _rename(state, _HF_RULES)
-    elif layout is None:
+    if layout is None:
         raise CheckpointError(
             f"{path}: not a ConvNeXt state dict (no stem or downsample_layers keys). "
             f"First keys: {list(state)[:5]}"
         )
-    return state, layout
-
-
-def official_to_keras(state, path):
-    """Official keys (PyTorch layouts: OIHW convs, (out, in) linears) -> {layer: [arrays]}."""
-    layers = {}
+    rules, prefix = _LAYOUT_RULES[layout]
+    renamed = checkpoints.OnceEach(path)
     for key, value in state.items():
+        new = key[len(prefix):] if prefix and key.startswith(prefix) else key
+        for pattern, replacement in rules:
+            new, n = re.subn(pattern, replacement, new)
+            if n:
+                break
+        if layout == "timm" and "pwconv" in new and value.ndim == 4:
+            # timm's small variants store fc1/fc2 as 1x1 convs, (out, in, 1, 1): the same matrix.
+            if value.shape[2:] != (1, 1):
+                raise CheckpointError(f"{path}: tensor {checkpoints.quote(key)} has shape {value.shape}; a timm "
+                                      "pointwise conv is (out, in, 1, 1).")
+            value = value[:, :, 0, 0]
+        renamed.put(new, value, key)
+    return renamed.values, layout, renamed.sources
+
+
+# The rank of each variable of each ConvNeXt layer, by Keras layer name (the same in every layout).
+_RANKS = (
+    (r"downsample_layers_0_0|downsample_layers_[1-3]_1|stages_\d_\d+_dwconv", {"weight": 4, "bias": 1}),
+    (r"stages_\d_\d+_pwconv[12]|head", {"weight": 2, "bias": 1}),
+    (r"downsample_layers_0_1|downsample_layers_[1-3]_0|stages_\d_\d+_norm|norm", {"weight": 1, "bias": 1}),
+    (r"stages_\d_\d+_gamma", {"gamma": 1}),
+)
+
+
+class _Slots:
+    """{layer: {param: array}} filled from a checkpoint: each slot by one source tensor, of the rank it holds.
+
+    The rank is checked before any transpose or index, so a crafted tensor is a named error, not an
+    IndexError; a slot filled twice is refused, naming both source keys.
+    """
+
+    def __init__(self, path):
+        self.path, self.layers, self.filled = path, {}, checkpoints.OnceEach(path)
+
+    def put(self, layer, param, source, value, layout=None):
+        rank = next((ranks.get(param) for pattern, ranks in _RANKS if re.fullmatch(pattern, layer)), None)
+        if rank is not None and value.ndim != rank:
+            raise CheckpointError(f"{self.path}: tensor {checkpoints.quote(source)} has shape {tuple(value.shape)}; "
+                                  f"'{layer}.{param}' holds a {rank}-D tensor.")
+        self.filled.put(f"{layer}.{param}", None, source)
+        self.layers.setdefault(layer, {})[param] = value if layout is None else layout(value)
+
+
+def _dwconv_layout(value):
+    return value.transpose(2, 3, 0, 1)  # (C, 1, kh, kw) -> (kh, kw, C, 1)
+
+
+def _conv_layout(value):
+    return value.transpose(2, 3, 1, 0)  # (O, I, kh, kw) -> (kh, kw, I, O)
+
+
+def _dense_layout(value):
+    return value.T  # (out, in) -> (in, out)
+
+
+def official_to_keras(state, path, sources=None):
+    """Official keys (PyTorch layouts: OIHW convs, (out, in) linears) -> {layer: {param: array}}.
+
+    `sources` maps an official key to the file's own key, for errors (default: the same key).
+    """
+    slots = _Slots(path)
+    for key, value in state.items():
+        source = (sources or {}).get(key, key)
         module, _, param = key.rpartition(".")
         if param == "gamma" and re.fullmatch(r"stages\.\d\.\d+", module):
-            layers.setdefault(keras_name(key), {})["gamma"] = value
+            slots.put(keras_name(key), "gamma", source, value)
             continue
         if param not in ("weight", "bias") or not module:
-            raise CheckpointError(f"{path}: unexpected tensor {key!r} {tuple(value.shape)} in the checkpoint.")
-        if param == "weight":
-            if value.ndim == 4 and module.endswith("dwconv"):
-                value = value.transpose(2, 3, 0, 1)  # (C, 1, kh, kw) -> (kh, kw, C, 1)
-            elif value.ndim == 4:
-                value = value.transpose(2, 3, 1, 0)  # (O, I, kh, kw) -> (kh, kw, I, O)
-            elif value.ndim == 2:
-                value = value.T  # (out, in) -> (in, out)
-        layers.setdefault(keras_name(module), {})[param] = value
-    return layers
+            raise CheckpointError(f"{path}: unexpected tensor {checkpoints.quote(source)} {tuple(value.shape)} "
+                                  "in the checkpoint.")
+        layout = None
+        if param == "weight" and value.ndim == 4:
+            layout = _dwconv_layout if module.endswith("dwconv") else _conv_layout
+        elif param == "weight" and value.ndim == 2:
+            layout = _dense_layout
+        slots.put(keras_name(module), param, source, value, layout)
+    return slots.layers
 
 
 _KERAS_APPS_RULES = [
@@ -123,7 +174,7 @@ _KERAS_PARAMS = {"kernel": "weight", "bias": "bias", "gamma": "weight", "beta": 
 
 def keras_apps_to_keras(tensors, path):
     """keras.applications `.h5` tensors (already channels-last) -> {layer: {param: array}}."""
-    layers = {}
+    slots = _Slots(path)
     for name, value in tensors.items():
         layer, _, param = name.rpartition("/")
         layer = layer.rpartition("/")[2]
@@ -135,15 +186,21 @@ def keras_apps_to_keras(tensors, path):
                 module = match.expand(replacement) if isinstance(replacement, str) else replacement(match)
                 break
         else:
-            raise CheckpointError(f"{path}: unexpected tensor {name!r} {tuple(value.shape)} in the checkpoint.")
-        if module.endswith("dwconv") and param == "kernel":
-            value = value.transpose(0, 1, 3, 2)  # grouped Conv2D (7, 7, 1, C) -> depthwise (7, 7, C, 1)
+            raise CheckpointError(f"{path}: unexpected tensor {checkpoints.quote(name)} {tuple(value.shape)} "
+                                  "in the checkpoint.")
+        layout = None
+        if module.endswith("dwconv") and param == "kernel" and value.ndim == 4:
+            layout = _grouped_to_depthwise
         if re.fullmatch(r"stages\.\d\.\d+", module):
             module, param = f"{module}.gamma", "gamma"
         else:
             param = _KERAS_PARAMS.get(param, param)
-        layers.setdefault(keras_name(module), {})[param] = value
-    return layers
+        slots.put(keras_name(module), param, name, value, layout)
+    return slots.layers
+
+
+def _grouped_to_depthwise(value):
+    return value.transpose(0, 1, 3, 2)  # grouped Conv2D (7, 7, 1, C) -> depthwise (7, 7, C, 1)
 
 
 # Each Keras layer type's variables, in `layer.weights` order, by their PyTorch parameter names
@@ -161,6 +218,9 @@ def _param_order(layer):
 def read_weights(path):
     """Reads any supported checkpoint file -> ({layer: {param: array}}, info dict).
 
+    The layers hold every tensor of the ConvNeXt they describe (`architecture_of`), each of its
+    shape, so a model built from them is no larger than the file.
+
     The layers are None for a Keras `.weights.h5`, which names variables by position and so
     loads only through `model.load_weights` into the architecture it came from.
     """
@@ -173,22 +233,82 @@ def read_weights(path):
     if fmt == "keras_weights_h5":
         return None, info
     if fmt == "keras":
-        return _read_keras_file(path, info), info
-    if fmt == "keras_h5_legacy":
-        return keras_apps_to_keras(checkpoints.load_keras_h5_legacy(path), path), info
+        layers = _read_keras_file(path, info)
+    elif fmt == "keras_h5_legacy":
+        layers = keras_apps_to_keras(checkpoints.load_keras_h5_legacy(path), path)
+    else:
+        layers = _read_torch_file(path, fmt, info)
+    _check_complete(layers, path)
+    return layers, info
+
+
+def _read_torch_file(path, fmt, info):
+    """{layer: {param: array}} of a PyTorch-layout checkpoint (.pth, .bin, .safetensors)."""
     raw = checkpoints.load_torch_zip(path) if fmt == "torch_zip" else checkpoints.load_safetensors(path)
-    state, info["layout"] = to_official(checkpoints.state_dict_of(raw, path), path)
+    state, info["layout"], sources = _to_official(checkpoints.state_dict_of(raw, path), path)
     if info["layout"] == "huggingface":
         # Transformers' final LayerNorm uses config.layer_norm_eps (1e-12 by default), not 1e-6.
         info["norm_epsilon"] = checkpoints.read_hf_config(path).get("layer_norm_eps", 1e-12)
-    return official_to_keras(state, path), info
+    return official_to_keras(state, path, sources)
+
+
+def _check_complete(layers, path):
+    """Refuses a checkpoint that lacks a tensor of the ConvNeXt it describes, or holds one of another shape.
+
+    Checked before any model is built from `architecture_of`: the architecture comes from the
+    file, and a few zero-size tensors or one block index of 99999999 would otherwise ask for a
+    model of any size.
+    """
+    for stage in range(4):
+        blocks = {int(m[1]) for name in layers if (m := re.fullmatch(rf"stages_{stage}_(\d{{1,6}})_dwconv", name))}
+        gap = min(set(range(len(blocks))) - blocks, default=None)
+        if gap is not None:
+            raise CheckpointError(f"{path}: missing tensor 'stages_{stage}_{gap}_dwconv.weight' (stage {stage} "
+                                  f"has block {max(blocks)}).")
+    depths, dims, classes = architecture_of(layers)
+    for (layer, param), shape in _shapes(depths, dims, classes, with_norm="norm" in layers).items():
+        value = layers.get(layer, {}).get(param)
+        if value is None:
+            raise CheckpointError(f"{path}: missing tensor '{layer}.{param}' (shape {shape} in the ConvNeXt of "
+                                  f"depths {depths} and dims {dims} it holds).")
+        if tuple(value.shape) != shape:
+            raise CheckpointError(f"{path}: tensor '{layer}.{param}' has shape {tuple(value.shape)}, the ConvNeXt "
+                                  f"of depths {depths} and dims {dims} it holds expects {shape}.")
+
+
+def _shapes(depths, dims, classes, with_norm=False):
+    """{(layer, param): shape} of every variable of a ConvNeXt (no top: `classes` None), Keras layouts."""
+    out = {}
+
+    def put(layer, **shapes):
+        out.update({(layer, param): shape for param, shape in shapes.items()})
+
+    put("downsample_layers_0_0", weight=(4, 4, 3, dims[0]), bias=(dims[0],))  # the 4x4 stride-4 stem
+    put("downsample_layers_0_1", weight=(dims[0],), bias=(dims[0],))
+    for stage, (depth, dim) in enumerate(zip(depths, dims)):
+        if stage:
+            before = dims[stage - 1]
+            put(f"downsample_layers_{stage}_0", weight=(before,), bias=(before,))
+            put(f"downsample_layers_{stage}_1", weight=(2, 2, before, dim), bias=(dim,))
+        for block in range(depth):
+            prefix = f"stages_{stage}_{block}"
+            put(f"{prefix}_dwconv", weight=(7, 7, dim, 1), bias=(dim,))
+            put(f"{prefix}_norm", weight=(dim,), bias=(dim,))
+            put(f"{prefix}_pwconv1", weight=(dim, 4 * dim), bias=(4 * dim,))
+            put(f"{prefix}_pwconv2", weight=(4 * dim, dim), bias=(dim,))
+            put(f"{prefix}_gamma", gamma=(dim,))
+    if classes is not None or with_norm:
+        put("norm", weight=(dims[3],), bias=(dims[3],))
+    if classes is not None:
+        put("head", weight=(dims[3], classes), bias=(classes,))
+    return out
 
 
 def architecture_of(layers):
     """(depths, dims, classes or None) of a converted checkpoint."""
     depths = [0, 0, 0, 0]
     for name in layers:
-        m = re.fullmatch(r"stages_(\d)_(\d+)_dwconv", name)
+        m = re.fullmatch(r"stages_(\d)_(\d{1,6})_dwconv", name)
         if m and int(m[1]) < 4:
             depths[int(m[1])] = max(depths[int(m[1])], int(m[2]) + 1)
     dims = []
@@ -266,17 +386,33 @@ def _variant_name(depths, dims):
     return "ConvNeXt(depths, dims) with these values"
 
 
-def _read_keras_file(path, info):
-    """{layer: {param: array}} of a `.keras` model built here; notes its head-norm epsilon."""
+def load_keras_model(path):
+    """A `.keras` file as a Keras model, read only after the checks every checkpoint gets.
+
+    Keras opens the file itself, so `sniff_format` first walks the HDF5 inside (no external
+    links or storage, no bombs); whatever Keras then raises (a bad config.json is a KeyError or
+    a TypeError) is a CheckpointError naming the file.
+    """
     import keras
 
-    source_model = keras.saving.load_model(path, compile=False)
-    layers = {}
+    path = os.fspath(path)
+    fmt = checkpoints.sniff_format(path)
+    if fmt != "keras":
+        raise CheckpointError(f"{path}: a {fmt} file, not a .keras model.")
+    with checkpoints.reading(path, "Keras model"):
+        return keras.saving.load_model(path, compile=False)
+
+
+def _read_keras_file(path, info):
+    """{layer: {param: array}} of a `.keras` model built here; notes its head-norm epsilon."""
+    source_model = load_keras_model(path)
+    slots = _Slots(path)
     for name, variables in _keras_state(source_model).items():
-        layers[name] = {param: np.asarray(v) for param, v in variables.items()}
-    if "norm" in layers:
+        for param, variable in variables.items():
+            slots.put(name, param, f"{name}.{param}", np.asarray(variable))
+    if "norm" in slots.layers:
         info["norm_epsilon"] = source_model.get_layer("norm").epsilon
-    return layers
+    return slots.layers
 
 
 def load_weights(model, weights, preset=None, include_top=True, classes=1000, head_init_scale=1.0):
@@ -292,7 +428,7 @@ def load_weights(model, weights, preset=None, include_top=True, classes=1000, he
             model.load_weights(path)
         except Exception as e:
             raise CheckpointError(
-                f"{path}: this .weights.h5 does not fit the model ({e}). A .weights.h5 loads only "
+                f"{path}: this .weights.h5 does not fit the model ({checkpoints.reason(e)}). A .weights.h5 loads only "
                 "into a model built with the same arguments; save a .keras file to load across "
                 "configurations."
             ) from e
@@ -326,7 +462,14 @@ def fetch_preset(preset, progress=True, deadline=None, lock_timeout=None):
                 return final  # made by another process while this one waited
             download_lib.move_aside(final, problem, f"the converted preset {preset.name} at")
         source = download_lib.download_preset(preset, progress, deadline, lock_timeout)
-        convert(source, final, variant=preset.variant, preset=preset)
+        try:
+            convert(source, final, variant=preset.variant, preset=preset)
+        except CheckpointError as e:
+            if preset.sha256 or preset.sha256_prefix:
+                raise  # the published file itself: fetching it again would bring the same bytes
+            # Nothing published to check it by: a file that verified but does not convert is a bad download.
+            aside = download_lib.move_aside(source)
+            raise CheckpointError(f"{e} Moved the download aside to {aside}: the next call fetches it again.") from e
         os.remove(source)  # the converted file loads without torch; keep the cache small
     return final
 

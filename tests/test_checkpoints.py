@@ -592,7 +592,8 @@ SAFETENSORS_ATTACKS = {
                   r"cannot read the safetensors file \(RecursionError"),
     "not_an_object": (safetensors_bytes(b"[1, 2]", FLOATS), r"a safetensors header that is not a JSON object"),
     "duplicate_key": (safetensors_bytes(b'{"w": ' + json.dumps(ENTRY).encode() + b', "w": '
-                                        + json.dumps(ENTRY).encode() + b"}", FLOATS), r"a key appears twice"),
+                                        + json.dumps(ENTRY).encode() + b"}", FLOATS),
+                      r"a safetensors header naming tensor 'w' twice"),
     "outside_the_file": (safetensors_bytes({"w": dict(ENTRY, data_offsets=[0, 2**40])}, FLOATS),
                          r"tensor 'w' has data offsets \[0, 1099511627776\] outside the 16 data bytes"),
     "negative_offset": (safetensors_bytes({"w": dict(ENTRY, data_offsets=[-16, 0])}, FLOATS),
@@ -866,3 +867,157 @@ def test_fuzzed_checkpoints_load_right_or_fail_cleanly(honest, tmp_path):
     assert report["cases"] == 670 and report["slowest"] < 2
     stats = collections.Counter({k.rsplit(" ", 1)[0]: v for k, v in report["stats"].items() if k.endswith("loaded")})
     assert stats["pkl opcodes"] > 0 and stats["raw bytes"] > 0  # some mutations leave a readable file
+
+
+# --- review findings: each attack below got through (or crashed) before its fix -----------------
+
+NANS = np.array([1.0, np.nan, 2.0, 3.0], "<f4").tobytes()
+
+
+@pytest.mark.parametrize("kind, data, message", [
+    ("FloatStorage", NANS, r"tensor 'model\.x' holds NaN or infinite values"),
+    ("IntStorage", np.arange(4, dtype="<i4").tobytes(), r"tensor 'model\.x' has dtype int32"),
+])
+def test_a_tensor_under_the_dotted_name_of_another_is_checked_too(tmp_path, kind, data, message):
+    # {"model": {"x": bad}, "model.x": good}: both are named 'model.x'; state_dict_of returns the first.
+    good, bad = View(Storage("0", 4), 0, (4,), (1,)), View(Storage("1", 4, kind), 0, (4,), (1,))
+    path = write_pth(tmp_path / "twins.pth", {"model": {"x": bad}, "model.x": good}, {"0": FLOATS, "1": data})
+    with pytest.raises(CheckpointError, match=rf"twins.pth: {message}"):
+        checkpoints.state_dict_of(checkpoints.load_torch_zip(path), path)
+
+
+@pytest.mark.parametrize("state, message", [
+    (b"}X\x03\x00\x00\x00get]s", r"an OrderedDict state of \{'get': \[\]\}"),  # would shadow OrderedDict.get
+    (b"}X\x05\x00\x00\x00itemsNs", r"an OrderedDict state of \{'items': None\}"),
+    (b"}X\t\x00\x00\x00_metadatactorch\nFloatStorage\ns", r"an OrderedDict state of \{'_metadata': "),
+])
+def test_build_gives_an_ordered_dict_its_metadata_and_nothing_else(tmp_path, state, message):
+    pkl = ops(("collections", "OrderedDict"), b")R", state, b"b")
+    path = write_zip(tmp_path / "build.pth", pkl)
+    with pytest.raises(CheckpointError, match=rf"build.pth: {message}"):
+        checkpoints.load_torch_zip(path)
+    metadata = ops(("collections", "OrderedDict"), b")R}", "_metadata", b"}", "", b"}", "version", b"K\x01sss" b"b")
+    loaded = checkpoints.load_torch_zip(write_zip(tmp_path / "metadata.pth", metadata))
+    assert loaded == {} and loaded._metadata == {"": {"version": 1}}
+
+
+def test_build_refuses_a_tensor_in_the_metadata(tmp_path):
+    tensor = View(Storage("0", 4), 0, (4,), (1,))
+    buffer = io.BytesIO()
+    _Pickler(buffer, protocol=2).dump(tensor)
+    body = buffer.getvalue()[2:-1]  # the tensor's opcodes, without PROTO and STOP
+    pkl = ops(("collections", "OrderedDict"), b")R}", "_metadata", body + b"sb")
+    path = write_zip(tmp_path / "metatensor.pth", pkl, {"0": FLOATS})
+    with pytest.raises(CheckpointError, match=r"metatensor.pth: an OrderedDict state of"):
+        checkpoints.load_torch_zip(path)
+
+
+@pytest.mark.parametrize("case", ["not_json", "deep_json", "duplicate_key", "not_utf8"])
+def test_safetensors_header_itself_raises_only_checkpoint_errors(tmp_path, case):
+    data = (safetensors_bytes(b"\xff\xfe{}", FLOATS) if case == "not_utf8" else SAFETENSORS_ATTACKS[case][0])
+    path = tmp_path / f"{case}.safetensors"
+    path.write_bytes(data)
+    with pytest.raises(CheckpointError, match=rf"^{path}: ") as caught:
+        checkpoints.safetensors_header(path)
+    assert "\n" not in str(caught.value)
+    if case == "duplicate_key":
+        assert "naming tensor 'w' twice" in str(caught.value)
+
+
+def many_deflated_storages(path, count, nbytes):
+    """A .pth of `count` storages, each `nbytes` of deflated zeros: small on disk, large in memory."""
+    storages = [Storage(str(i), nbytes // 4) for i in range(count)]
+    buffer = io.BytesIO()
+    _Pickler(buffer, protocol=2).dump({f"w{i}": View(s, 0, (s.numel,), (1,)) for i, s in enumerate(storages)})
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/data.pkl", buffer.getvalue())
+        for s in storages:
+            z.writestr(f"archive/data/{s.key}", bytes(nbytes), compress_type=zipfile.ZIP_DEFLATED)
+    return path
+
+
+def test_many_small_bombs_share_one_budget_per_load(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoints, "_EXPANSION_FLOOR", 2**16)  # each member passes on its own
+    ok = many_deflated_storages(tmp_path / "ok.pth", 1, 2**15)
+    assert len(checkpoints.load_torch_zip(ok)) == 1
+    bomb = many_deflated_storages(tmp_path / "bomb.pth", 60, 2**16)  # 3.9 MB from a ~13 kB file
+    size = bomb.stat().st_size
+    assert 60 * 2**16 > 100 * size
+    for function in (checkpoints.load_torch_zip, checkpoints.check_zip):
+        with pytest.raises(CheckpointError, match=rf"bomb.pth: its zip members inflate to over {100 * size} bytes "
+                                                  rf"\(at most 100x the file's {size}"):
+            function(bomb)
+
+
+def test_many_fill_value_datasets_share_one_budget_per_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoints, "_EXPANSION_FLOOR", 2**20)  # each dataset passes on its own
+    path = tmp_path / "fills.weights.h5"
+    with h5py.File(path, "w") as f:
+        for i in range(40):
+            f.create_dataset(f"layers/dense_{i}/vars/0", shape=(2**18,), dtype="f4")  # 1 MiB of fill value each
+    size = path.stat().st_size
+    assert 40 * 2**20 > 100 * size
+    with pytest.raises(CheckpointError, match=rf"fills.weights.h5: its datasets declare over {100 * size} bytes "
+                                              rf"\(at most 100x the file's {size}"):
+        checkpoints.check_hdf5(path)
+    keras_file = tmp_path / "fills.keras"
+    with zipfile.ZipFile(keras_file, "w") as z:
+        z.writestr("config.json", "{}")
+        z.write(path, "model.weights.h5")
+    with pytest.raises(CheckpointError, match=r"fills.keras \(model.weights.h5\): its datasets declare over"):
+        checkpoints.sniff_format(keras_file)
+
+
+def test_a_deflated_model_weights_h5_is_refused(tmp_path):
+    import keras
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.save(tmp_path / "m.keras")
+    with zipfile.ZipFile(tmp_path / "m.keras") as z:
+        assert z.getinfo("model.weights.h5").compress_type == zipfile.ZIP_STORED  # what Keras writes
+        members = [(info.filename, z.read(info)) for info in z.infolist()]
+    assert checkpoints.sniff_format(tmp_path / "m.keras") == "keras"
+    with zipfile.ZipFile(tmp_path / "deflated.keras", "w", compression=zipfile.ZIP_DEFLATED) as z:
+        for name, data in members:
+            z.writestr(name, data)
+    with pytest.raises(CheckpointError, match=r"deflated.keras: member 'model.weights.h5' is compressed"):
+        checkpoints.sniff_format(tmp_path / "deflated.keras")
+
+
+def test_a_member_claiming_more_compressed_bytes_than_the_file_holds_is_refused(tmp_path):
+    path = write_zip(tmp_path / "claims.pth", ops(b"N"), {"0": FLOATS})
+    data = bytearray(path.read_bytes())
+    entry = data.index(b"PK\x01\x02")  # the directory entry of archive/data.pkl, the first member
+    data[entry + 20:entry + 24] = struct.pack("<I", 10**8)  # compressed size, as the directory states it
+    path.write_bytes(bytes(data))
+    for function in (checkpoints.load_torch_zip, checkpoints.check_zip):
+        with pytest.raises(CheckpointError, match=r"claims.pth: member 'archive/data.pkl' claims 100000000 "
+                                                  r"compressed bytes from offset 0 of a \d+-byte file"):
+            function(path)
+
+
+def test_check_zip_reads_every_member_through_its_crc(honest, tmp_path):
+    checkpoints.check_zip(honest[0])
+    good = honest[0].read_bytes()
+    with zipfile.ZipFile(honest[0]) as z:
+        info = z.getinfo("honest/data/0")
+    name_len, extra_len = struct.unpack("<HH", good[info.header_offset + 26:info.header_offset + 30])
+    flipped = bytearray(good)
+    flipped[info.header_offset + 30 + name_len + extra_len + 2] ^= 0xFF
+    (tmp_path / "flipped.pth").write_bytes(bytes(flipped))
+    with pytest.raises(CheckpointError, match=r"flipped.pth: zip member 'honest/data/0' fails its CRC check"):
+        checkpoints.check_zip(tmp_path / "flipped.pth")
+    with zipfile.ZipFile(tmp_path / "twice.zip", "w") as z:
+        z.writestr("a", b"1")
+        with pytest.warns(UserWarning, match="Duplicate name"):
+            z.writestr("a", b"2")
+    with pytest.raises(CheckpointError, match=r"twice.zip: a zip archive listing a member twice"):
+        checkpoints.check_zip(tmp_path / "twice.zip")
+    (tmp_path / "cut.zip").write_bytes(good[: len(good) // 2])
+    with pytest.raises(CheckpointError, match=r"cut.zip: cannot read the zip archive \(BadZipFile"):
+        checkpoints.check_zip(tmp_path / "cut.zip")
+
+
+def test_reason_is_one_line():
+    assert checkpoints.reason(ValueError("x\n\n  y\tz")) == "ValueError: x y z"
+    assert len(checkpoints.reason(ValueError("z" * 400))) == len("ValueError: ") + 300

@@ -9,11 +9,13 @@ import pathlib
 import re
 import signal
 import stat
+import struct
 import subprocess
 import sys
 import threading
 import time
 import urllib.parse
+import zipfile
 
 import numpy as np
 import pytest
@@ -147,11 +149,12 @@ def test_download_success_verifies_and_renames(server, atto_file, tmp_path):
     ("/truncated/convnext_atto_d2.pth", {},
      r"download of \S+/truncated/convnext_atto_d2.pth is truncated: \d+ of \d+ bytes"),
     # http.client stops at the declared length: the payload is then a zip without its end.
-    ("/overlong/convnext_atto_d2.pth", {}, r"download of \S+/overlong/\S+ is not a readable checkpoint: a damaged zip"),
+    ("/overlong/convnext_atto_d2.pth", {},
+     r"download of \S+/overlong/\S+ is not a readable checkpoint: cannot read the zip"),
     ("/close-half/convnext_atto_d2.pth", {},
-     r"download of \S+/close-half/\S+ is not a readable checkpoint: a damaged zip"),
+     r"download of \S+/close-half/\S+ is not a readable checkpoint: cannot read the zip"),
     ("/close-half/convnext_atto_d2.pth", {"expect_format": "torch_zip"},
-     r"download of \S+ is not a readable torch_zip checkpoint: a damaged zip"),
+     r"download of \S+ is not a readable torch_zip checkpoint: cannot read the zip"),
     ("/html/convnext_atto_d2.pth", {},
      r"/html/convnext_atto_d2.pth answered with an HTML page \(Content-Type text/html\)"),
     ("/html-as-binary/convnext_atto_d2.pth", {},
@@ -369,7 +372,8 @@ def _damage(path, how):
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("how, problem", [("truncated", r"a damaged zip archive"), ("flipped", r"fails its CRC check")])
+@pytest.mark.parametrize("how, problem", [("truncated", r"cannot read the zip archive"),
+                                          ("flipped", r"fails its CRC check")])
 def test_a_damaged_cached_preset_is_moved_aside_and_made_again(server, atto_file, keras_home, how, problem):
     _, _, sha = atto_file
     preset = dataclasses.replace(presets_lib.PRESETS["convnext_atto.d2_in1k"],
@@ -423,8 +427,9 @@ def test_every_format_is_checked_whole(fmt, atto_file, safetensors_file, tmp_pat
     path.write_bytes(data)
     assert download_lib.checkpoint_problem(path, fmt) is None
     path.write_bytes(data[:-100])
-    problem = {"torch_zip": r"a damaged zip archive", "safetensors": r"tensor '\S+' has data offsets .* outside the \d+ data bytes",
-               "keras_h5_legacy": r"HDF5 cannot open it .*truncated file"}[fmt]
+    problem = {"torch_zip": r"cannot read the zip archive \(BadZipFile",
+               "safetensors": r"tensor '\S+' has data offsets .* outside the \d+ data bytes",
+               "keras_h5_legacy": r"cannot read the HDF5 file \(OSError: .*truncated file"}[fmt]
     assert re.match(problem, download_lib.checkpoint_problem(path, fmt))
     if fmt == "safetensors":
         path.write_bytes(data + bytes(100))
@@ -437,11 +442,103 @@ def test_every_format_is_checked_whole(fmt, atto_file, safetensors_file, tmp_pat
         assert re.match(r"zip member '\S+' fails its CRC check", download_lib.checkpoint_problem(path, fmt))
 
 
-def test_ownerless_leftovers_of_older_versions_are_swept_after_an_hour(server, atto_file, tmp_path):
+def test_ownerless_leftovers_of_older_versions_are_swept_after_an_hour_in_the_cache(server, atto_file, keras_home):
     _, _, sha = atto_file
-    old, fresh = tmp_path / ".download-x1.part", tmp_path / ".download-x2.part"
+    folder = pathlib.Path(download_lib.downloads_dir())
+    folder.mkdir(parents=True)
+    old, fresh = folder / ".download-x1.part", folder / ".download-x2.part"
     old.write_bytes(b"partial")
     fresh.write_bytes(b"partial")
     os.utime(old, (time.time() - 7200,) * 2)
-    download_lib.download(f"{server}/convnext_atto_d2.pth", tmp_path / "a.pth", sha256=sha, progress=False)
-    assert sorted(os.listdir(tmp_path)) == [".download-x2.part", "a.pth", "a.pth.lock"]
+    download_lib.download(f"{server}/convnext_atto_d2.pth", folder / "a.pth", sha256=sha, progress=False)
+    assert sorted(os.listdir(folder)) == [".download-x2.part", "a.pth", "a.pth.lock"]
+
+
+def test_files_named_like_old_leftovers_outside_the_cache_are_left_alone(server, atto_file, tmp_path, keras_home):
+    _, _, sha = atto_file
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for name in (".convert-notes", ".download-x.part"):
+        (mine / name).write_bytes(b"the user's own")
+        os.utime(mine / name, (time.time() - 7200,) * 2)
+    download_lib.download(f"{server}/convnext_atto_d2.pth", mine / "a.pth", sha256=sha, progress=False)
+    assert sorted(os.listdir(mine)) == [".convert-notes", ".download-x.part", "a.pth", "a.pth.lock"]
+    cache = pathlib.Path(download_lib.cache_dir())
+    cache.mkdir(parents=True)
+    (cache / ".convert-old").write_bytes(b"left by an old version")
+    os.utime(cache / ".convert-old", (time.time() - 7200,) * 2)
+    assert download_lib.clean(str(cache)) == [".convert-old"]
+
+
+# --- review findings: each of these got through (or crashed) before its fix ---------------------
+
+def _garbled_safetensors():
+    return struct.pack("<Q", 10) + b"{not json}" + bytes(16)
+
+
+def test_a_garbled_safetensors_header_is_a_download_error_naming_the_url(server, tmp_path):
+    _Handler.files["/garbled.safetensors"] = _garbled_safetensors()
+    with pytest.raises(DownloadError, match=r"download of \S+/garbled.safetensors is not a readable safetensors "
+                                            r"checkpoint: cannot read the safetensors file \(JSONDecodeError"
+                                            r".*place it"):
+        download_lib.download(f"{server}/garbled.safetensors", tmp_path / "g.safetensors", progress=False,
+                              expect_format="safetensors")
+    assert listing(tmp_path) == []
+
+
+def test_a_cached_safetensors_with_a_garbled_header_is_moved_aside(server, safetensors_file, tmp_path):
+    dest = tmp_path / "atto.safetensors"
+    dest.write_bytes(_garbled_safetensors())
+    with pytest.warns(UserWarning, match=r"does not read \(cannot read the safetensors file \(JSONDecodeError.*"
+                                         r"moved it aside"):
+        download_lib.download(f"{server}/atto.safetensors", dest, progress=False)
+    assert dest.read_bytes() == safetensors_file
+
+
+def test_a_source_that_does_not_convert_is_moved_aside_and_fetched_again(server, atto_file, keras_home, monkeypatch):
+    _, data, _ = atto_file
+    buffer = io.BytesIO()
+    torch.save({"stem.0.weight": torch.full((4,), float("nan"))}, buffer)
+    _Handler.files["/unhashed.pth"] = buffer.getvalue()
+    preset = dataclasses.replace(presets_lib.PRESETS["convnext_atto.d2_in1k"], url=f"{server}/unhashed.pth",
+                                 sha256=None, sha256_prefix=None)  # nothing published: the payload is all we check
+    with pytest.raises(kc.CheckpointError, match=r"unhashed.pth: tensor 'stem.0.weight' holds NaN .* Moved the "
+                                                 r"download aside to \S+unhashed.pth.corrupt-\d{8}-\d{6}: the next call "
+                                                 r"fetches it again"):
+        weights_lib.fetch_preset(preset, progress=False)
+    assert [f.split(".corrupt-")[0] for f in listing(keras_home)] == ["keras_convnext/downloads/unhashed.pth"]
+    _Handler.files["/unhashed.pth"] = data
+    path = weights_lib.fetch_preset(preset, progress=False)
+    assert download_lib.checkpoint_problem(path, "keras") is None
+    assert _Handler.hits["/unhashed.pth"] == 2
+
+
+@pytest.mark.parametrize("kwargs, received", [
+    ({"deadline": True}, "deadline=True"), ({"deadline": float("nan")}, "deadline=nan"),
+    ({"deadline": float("inf")}, "deadline=inf"), ({"lock_timeout": -1}, "lock_timeout=-1"),
+    ({"deadline": "5"}, "deadline='5'"),
+])
+def test_timeouts_are_positive_numbers(tmp_path, kwargs, received):
+    with pytest.raises(ValueError, match=rf"Received: {re.escape(received)}$"):
+        download_lib.download("http://127.0.0.1:9/a.pth", tmp_path / "a.pth", progress=False, **kwargs)
+    assert listing(tmp_path) == []
+
+
+def test_the_payload_check_is_the_readers_own(tmp_path, monkeypatch):
+    from keras_convnext import checkpoints
+
+    monkeypatch.setattr(checkpoints, "_EXPANSION_FLOOR", 2**16)  # each member passes on its own
+    with zipfile.ZipFile(tmp_path / "bomb.pth", "w") as z:
+        z.writestr("archive/data.pkl", b"\x80\x02N.")
+        for i in range(60):
+            z.writestr(f"archive/data/{i}", bytes(2**16), compress_type=zipfile.ZIP_DEFLATED)
+    assert re.match(r"its zip members inflate to over \d+ bytes \(at most 100x the file's",
+                    download_lib.checkpoint_problem(tmp_path / "bomb.pth"))
+    import h5py
+
+    monkeypatch.setattr(checkpoints, "_EXPANSION_FLOOR", 2**20)
+    with h5py.File(tmp_path / "fills.h5", "w") as f:
+        f.attrs["layer_names"] = [b"dense"]
+        for i in range(40):
+            f.create_dataset(f"dense/kernel_{i}", shape=(2**18,), dtype="f4")  # 1 MiB of fill value each
+    assert re.match(r"its datasets declare over \d+ bytes", download_lib.checkpoint_problem(tmp_path / "fills.h5"))

@@ -1,7 +1,9 @@
 """Checkpoint loading: parity against every peer format, and every way a file can be wrong."""
 
+import importlib
 import os
 import pickle
+import re
 import zipfile
 
 import keras
@@ -10,6 +12,8 @@ import pytest
 from peers import TINY_DEPTHS, TINY_DIMS, hf_model, keras_apps_tiny, timm_model, timm_to_official, torch_logits
 
 import keras_convnext as kc
+from keras_convnext import checkpoints
+from keras_convnext import weights as weights_lib
 from keras_convnext.checkpoints import CheckpointError
 
 torch = pytest.importorskip("torch")
@@ -191,7 +195,8 @@ def test_missing_and_extra_keys(atto, tmp_path):
     wrong = dict(state, **{"stages.0.blocks.1.norm.weight": torch.zeros(41)})
     torch.save(wrong, tmp_path / "wrong.pth")
     with pytest.raises(CheckpointError, match=r"wrong.pth: tensor 'stages_0_1_norm.weight' has shape \(41,\), "
-                                              r"the model expects \(40,\)"):
+                                              r"the ConvNeXt of depths \(2, 2, 6, 2\) and dims \(40, 80, 160, 320\) "
+                                              r"it holds expects \(40,\)"):
         kc.ConvNeXtAtto(weights=str(tmp_path / "wrong.pth"), classes=10)
 
 
@@ -227,3 +232,193 @@ def test_pth_files_read_without_torch(atto):
                           text=True, env=dict(os.environ, KERAS_BACKEND="jax"))
     assert done.returncode == 0, done.stderr[-1500:]
     assert done.stdout.split() == ["torch_zip", "timm", "70", "False"]
+
+
+# --- review findings: each of these got through (or crashed) before its fix ---------------------
+
+
+def arrays(*shapes):
+    return [np.ones(shape, "f4") for shape in shapes]
+
+
+@pytest.mark.parametrize("convert, state, first, second", [
+    (weights_lib.official_to_keras,
+     dict(zip(["stages.0.0.dwconv.weight", "stages_0_0_dwconv.weight"], arrays((8, 1, 7, 7), (8, 1, 7, 7)))),
+     "stages.0.0.dwconv.weight", "stages_0_0_dwconv.weight"),
+    (weights_lib.official_to_keras,
+     dict(zip(["downsample_layers.0.0.weight", "downsample_layers_0.0.weight"], arrays((8, 3, 4, 4), (8, 3, 4, 4)))),
+     "downsample_layers.0.0.weight", "downsample_layers_0.0.weight"),
+    (weights_lib.keras_apps_to_keras,
+     dict(zip(["a_stem_conv/a_stem_conv/kernel", "b/b_stem_conv/kernel"], arrays((4, 4, 3, 8), (4, 4, 3, 8)))),
+     "a_stem_conv/a_stem_conv/kernel", "b/b_stem_conv/kernel"),
+    (lambda state, path: weights_lib.to_official(state, path),
+     dict(zip(["stem.0.weight", "stages.0.blocks.0.conv_dw.weight", "stages.0.0.dwconv.weight"],
+              arrays((8, 3, 4, 4), (8, 1, 7, 7), (8, 1, 7, 7)))),
+     "stages.0.blocks.0.conv_dw.weight", "stages.0.0.dwconv.weight"),
+    (lambda state, path: weights_lib.to_official(state, path),
+     dict(zip(["convnext.embeddings.patch_embeddings.weight", "embeddings.patch_embeddings.weight"],
+              arrays((8, 3, 4, 4), (8, 3, 4, 4)))),
+     "convnext.embeddings.patch_embeddings.weight", "embeddings.patch_embeddings.weight"),
+    (checkpoints.state_dict_of, dict(zip(["module.head.weight", "head.weight"], arrays((2, 4), (2, 4)))),
+     "module.head.weight", "head.weight"),
+])
+def test_two_source_tensors_for_one_slot_are_refused_by_name(convert, state, first, second):
+    with pytest.raises(CheckpointError, match=rf"^x.pth: tensors '{re.escape(first)}' and '{re.escape(second)}' "
+                                              r"both become '[\w.]+'"):
+        convert(state, "x.pth")
+
+
+def test_a_duplicated_tensor_in_a_file_is_refused(atto, tmp_path):
+    peer, _ = atto
+    state = dict(peer.state_dict(), **{"stages.0.0.dwconv.weight": torch.zeros(40, 1, 7, 7)})
+    torch.save(state, tmp_path / "twice.pth")
+    with pytest.raises(CheckpointError, match=r"twice.pth: tensors 'stages.0.blocks.0.conv_dw.weight' and "
+                                              r"'stages.0.0.dwconv.weight' both become 'stages.0.0.dwconv.weight'"):
+        kc.ConvNeXtAtto(weights=str(tmp_path / "twice.pth"), classes=10)
+
+
+@pytest.mark.parametrize("key, shape, message", [
+    ("downsample_layers.0.0.weight", (), r"tensor 'downsample_layers.0.0.weight' has shape \(\); "
+                                         r"'downsample_layers_0_0.weight' holds a 4-D tensor"),
+    ("head.weight", (), r"tensor 'head.weight' has shape \(\); 'head.weight' holds a 2-D tensor"),
+    ("stages.0.0.gamma", (2, 2), r"tensor 'stages.0.0.gamma' has shape \(2, 2\); "
+                                 r"'stages_0_0_gamma.gamma' holds a 1-D tensor"),
+    ("stages.0.0.pwconv1.weight", (8, 4, 0, 0), r"tensor 'stages.0.0.pwconv1.weight' has shape \(8, 4, 0, 0\); "
+                                                r"'stages_0_0_pwconv1.weight' holds a 2-D tensor"),
+])
+def test_a_tensor_of_the_wrong_rank_is_refused_by_name(tmp_path, key, shape, message):
+    state = {"downsample_layers.0.0.weight": torch.ones(8, 3, 4, 4), key: torch.ones(shape)}
+    torch.save(state, tmp_path / "rank.pth")
+    with pytest.raises(CheckpointError, match=rf"rank.pth: {message}"):
+        layers, _ = weights_lib.read_weights(tmp_path / "rank.pth")
+        weights_lib.architecture_of(layers)
+
+
+def test_a_timm_pointwise_conv_that_is_not_1x1_is_refused_by_name():
+    state = {"stem.0.weight": np.ones((8, 3, 4, 4), "f4"),
+             "stages.0.blocks.0.mlp.fc1.weight": np.ones((32, 8, 0, 0), "f4")}
+    with pytest.raises(CheckpointError, match=r"x.pth: tensor 'stages.0.blocks.0.mlp.fc1.weight' has shape "
+                                              r"\(32, 8, 0, 0\); a timm pointwise conv is \(out, in, 1, 1\)"):
+        weights_lib.to_official(state, "x.pth")
+
+
+def hostile_keras(tmp_path, config=None, link=False):
+    """A tiny .keras file, with its config.json replaced or an external link added to its weights."""
+    import h5py
+
+    good = tmp_path / "good.keras"
+    if not good.exists():
+        keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="head")]).save(good)
+        with zipfile.ZipFile(good) as z, open(tmp_path / "good.weights.h5", "wb") as f:
+            f.write(z.read("model.weights.h5"))
+        with h5py.File(tmp_path / "secret.h5", "w") as f:
+            f["data"] = np.frombuffer(b"SECRET-PASSWORD!", "f4")
+    weights_h5 = tmp_path / "good.weights.h5"
+    if link:
+        weights_h5 = tmp_path / "linked.weights.h5"
+        weights_h5.write_bytes((tmp_path / "good.weights.h5").read_bytes())
+        with h5py.File(weights_h5, "a") as f:
+            f["leak"] = h5py.ExternalLink(str(tmp_path / "secret.h5"), "/data")
+    path = tmp_path / ("linked.keras" if link else "config.keras")
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(path, "w") as z:
+        for info in src.infolist():
+            if info.filename == "config.json" and config is not None:
+                z.writestr(info, config)
+            elif info.filename == "model.weights.h5":
+                z.write(weights_h5, "model.weights.h5")
+            else:
+                z.writestr(info, src.read(info))
+    return path
+
+
+@pytest.mark.parametrize("config", ['{"class_name": 5}', "[]", '{"module": "os", "class_name": "system"}', "{"])
+def test_a_keras_file_that_keras_cannot_load_is_a_checkpoint_error(tmp_path, config):
+    path = hostile_keras(tmp_path, config=config)
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(path))}: cannot read the Keras model \(\w+"):
+        weights_lib.read_weights(path)
+    with pytest.raises(CheckpointError, match=r"cannot read the Keras model"):
+        weights_lib.load_keras_model(path)
+
+
+def test_export_reads_a_keras_file_through_the_same_checks(tmp_path):
+    export = importlib.import_module("keras_convnext.export")  # `keras_convnext.export` is also a function
+
+    path = hostile_keras(tmp_path, link=True)
+    for load in (weights_lib.load_keras_model, lambda p: export._load_model(p)[0]):
+        with pytest.raises(CheckpointError, match=r"linked.keras \(model.weights.h5\): '/leak' is a ExternalLink") as e:
+            load(path)
+        assert "SECRET" not in str(e.value)
+    with pytest.raises(ValueError, match=r"Received: model="):
+        export._load_model(path)
+    assert isinstance(export._load_model(tmp_path / "good.keras")[0], keras.Model)
+    (tmp_path / "w.h5").write_bytes((tmp_path / "good.weights.h5").read_bytes())
+    with pytest.raises(CheckpointError, match=r"w.h5: a keras_weights_h5 file, not a .keras model"):
+        weights_lib.load_keras_model(tmp_path / "w.h5")
+
+
+def official_state(depths, dims, classes=None, dwconv_only=()):
+    """A complete official-layout state dict of zeros-and-ones, as NumPy arrays (no file)."""
+    state = {"downsample_layers.0.0.weight": np.ones((dims[0], 3, 4, 4), "f4"),
+             "downsample_layers.0.0.bias": np.ones(dims[0], "f4")}
+    state.update({f"downsample_layers.0.1.{p}": np.ones(dims[0], "f4") for p in ("weight", "bias")})
+    for s, (depth, dim) in enumerate(zip(depths, dims)):
+        if s:
+            state.update({f"downsample_layers.{s}.0.{p}": np.ones(dims[s - 1], "f4") for p in ("weight", "bias")})
+            state[f"downsample_layers.{s}.1.weight"] = np.ones((dim, dims[s - 1], 2, 2), "f4")
+            state[f"downsample_layers.{s}.1.bias"] = np.ones(dim, "f4")
+        for b in range(depth):
+            k = f"stages.{s}.{b}"
+            state.update({f"{k}.dwconv.weight": np.ones((dim, 1, 7, 7), "f4"), f"{k}.dwconv.bias": np.ones(dim, "f4")})
+            if (s, b) in dwconv_only:
+                continue
+            state.update({f"{k}.norm.weight": np.ones(dim, "f4"), f"{k}.norm.bias": np.ones(dim, "f4"),
+                          f"{k}.pwconv1.weight": np.ones((4 * dim, dim), "f4"),
+                          f"{k}.pwconv1.bias": np.ones(4 * dim, "f4"),
+                          f"{k}.pwconv2.weight": np.ones((dim, 4 * dim), "f4"), f"{k}.pwconv2.bias": np.ones(dim, "f4"),
+                          f"{k}.gamma": np.ones(dim, "f4")})
+    if classes:
+        state.update({"norm.weight": np.ones(dims[3], "f4"), "norm.bias": np.ones(dims[3], "f4"),
+                      "head.weight": np.ones((classes, dims[3]), "f4"), "head.bias": np.ones(classes, "f4")})
+    return state
+
+
+def save_safetensors(state, path):
+    from safetensors.numpy import save_file
+
+    save_file(state, str(path))
+    return path
+
+
+@pytest.mark.parametrize("include_top, pooling", [(True, None), (False, "avg"), (False, None)])
+def test_the_shapes_a_checkpoint_is_checked_against_are_the_models(include_top, pooling):
+    model = kc.ConvNeXt(TINY_DEPTHS, TINY_DIMS, weights=None, include_top=include_top, pooling=pooling, classes=7)
+    built = {(layer, param): tuple(v.shape) for layer, vs in weights_lib._keras_state(model).items()
+             for param, v in vs.items()}
+    assert weights_lib._shapes(TINY_DEPTHS, TINY_DIMS, 7 if include_top else None, with_norm=pooling == "avg") == built
+
+
+def test_a_complete_checkpoint_of_numpy_arrays_reads(tmp_path):
+    path = save_safetensors(official_state(TINY_DEPTHS, TINY_DIMS, classes=5), tmp_path / "ok.safetensors")
+    layers, _ = weights_lib.read_weights(path)
+    assert weights_lib.architecture_of(layers) == (TINY_DEPTHS, TINY_DIMS, 5)
+
+
+@pytest.mark.parametrize("case, message", [
+    # zero-size tensors: no data, any dims (a model of 10**6 channels from a file of a few kB)
+    ("empty", r"tensor 'downsample_layers_0_0.weight' has shape \(4, 4, 0, 1000000\), the ConvNeXt of depths "
+              r"\(1, 1, 2, 1\) and dims \(1000000, 16, 24, 32\) it holds expects \(4, 4, 3, 1000000\)"),
+    ("far_block", r"missing tensor 'stages_2_2_dwconv.weight' \(stage 2 has block 99999\)"),
+    ("dwconv_only", r"missing tensor 'stages_3_0_norm.weight' \(shape \(32,\) in the ConvNeXt of depths "
+                    r"\(1, 1, 2, 1\)"),
+])
+def test_a_checkpoint_is_checked_whole_before_a_model_is_built_from_it(tmp_path, case, message):
+    state = official_state(TINY_DEPTHS, TINY_DIMS, classes=5, dwconv_only=[(3, 0)] if case == "dwconv_only" else ())
+    if case == "empty":
+        state["downsample_layers.0.0.weight"] = np.ones((10**6, 0, 4, 4), "f4")
+    if case == "far_block":
+        state["stages.2.99999.dwconv.weight"] = np.ones((24, 1, 7, 7), "f4")
+    path = save_safetensors(state, tmp_path / f"{case}.safetensors")
+    for function in (weights_lib.read_weights, lambda p: kc.convert(p, tmp_path / "out.keras")):
+        with pytest.raises(CheckpointError, match=rf"{case}.safetensors: {message}"):
+            function(str(path))
+    assert not (tmp_path / "out.keras").exists()
