@@ -11,7 +11,7 @@ import warnings
 
 import numpy as np
 
-from keras_convnext import checkpoints
+from keras_convnext import checkpoints, checks
 from keras_convnext import download as download_lib
 from keras_convnext import files
 from keras_convnext.checkpoints import CheckpointError
@@ -483,6 +483,7 @@ def convert(src, dst, variant=None, preset=None, overwrite=False):
     from keras_convnext import presets as presets_lib
 
     dst = os.fspath(dst)
+    checks.boolean("overwrite", overwrite)
     if variant is not None and variant not in VARIANTS:
         raise ValueError(f"Unknown variant. Valid values: {', '.join(VARIANTS)}. Received: variant={variant!r}")
     if not (dst.endswith(".keras") or dst.endswith(".weights.h5")):

@@ -157,6 +157,15 @@ def test_bad_input_is_one_line_and_exit_2(argv, fragments, hostile, capsys):
     _assert_one_line(code, err, *fragments)
 
 
+def test_convert_checks_its_arguments_first(tmp_path):
+    import keras_convnext as kc
+
+    with pytest.raises(ValueError, match=r"`overwrite` must be True or False. Received: overwrite='no'"):
+        kc.convert(str(tmp_path / "missing.pth"), str(tmp_path / "out.keras"), overwrite="no")
+    with pytest.raises(ValueError, match=r"Unknown variant.*Received: variant='mega'"):
+        kc.convert(str(tmp_path / "missing.pth"), str(tmp_path / "out.keras"), variant="mega")
+
+
 def test_download_error_is_one_line_and_exit_2(capsys, monkeypatch, tmp_path):
     import dataclasses
 
