@@ -29,7 +29,7 @@ HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 # Bounds on what a file may ask for, each far above what a real checkpoint needs.
 _MAX_ZIP_DIRECTORY = 16 * 2**20  # bytes of zip central directory: ~100k members
 _MAX_ZIP_MEMBERS = 100_000
-_MAX_PICKLE_BYTES = 64 * 2**20  # a ConvNeXt's data.pkl is ~30 kB
+_MAX_PICKLE_BYTES = 16 * 2**20  # a ConvNeXt's data.pkl is ~30 kB
 _MAX_PICKLE_OBJECTS = 1_000_000  # values a pickle may push (a tensor costs ~20)
 _MAX_MARKS = 100  # MARK nesting: torch.save's is 3
 _MAX_NESTING = 100  # containers inside containers

@@ -122,11 +122,11 @@ def _write_json(path, data):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="keras-convnext",
         description="ConvNeXt for Keras 3: predict, train, export, convert and benchmark.",
     )
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add = lambda name, **kwargs: sub.add_parser(name, parents=[common], **kwargs)  # noqa: E731
@@ -226,10 +226,55 @@ def one_line(error):
     return lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
 
 
+# Commands whose work runs through tf.data, whatever the backend.
+_NEEDS_TENSORFLOW = ("train", "demo")
+
+
+def _import_frameworks_quietly(command):
+    """Imports Keras (and TensorFlow where the command needs it) with the process's stderr set aside.
+
+    TensorFlow's C++ start-up prints lines ("oneDNN custom operations are on", "Could not find cuda
+    drivers") before its logging reads TF_CPP_MIN_LOG_LEVEL, so no setting hides them: they would
+    come before every one-line error. Kept and shown if the import itself fails.
+    """
+    import importlib.util
+    import os
+    import tempfile
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    wanted = ["keras"]
+    backend = os.environ.get("KERAS_BACKEND", "tensorflow")
+    if (backend == "tensorflow" or command in _NEEDS_TENSORFLOW) and importlib.util.find_spec("tensorflow"):
+        wanted.append("tensorflow")
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            for name in wanted:
+                importlib.import_module(name)
+        except BaseException:
+            os.dup2(saved, 2)
+            log.seek(0)
+            sys.stderr.write(log.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's errors on one line, as every other error of the command line (usage: --help)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (--help shows the usage)\n")
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        _import_frameworks_quietly(args.command)
         args.func(args)
     except KeyboardInterrupt:
         if args.debug:

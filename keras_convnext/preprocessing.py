@@ -164,6 +164,9 @@ def _open(source, path):
     """`Image.open` on a path or bytes, refusing more pixels than `max_image_pixels()` before decoding."""
     from PIL import Image, UnidentifiedImageError
 
+    if not isinstance(source, (bytes, bytearray, memoryview)) and not os.path.isfile(source):
+        # A FIFO or a device would block or never end: only regular files are read.
+        raise ImageReadError(path, "not a regular file")
     limit = max_image_pixels()
     bomb = "a decompression bomb? PIL.Image.MAX_IMAGE_PIXELS sets the bound"
     try:

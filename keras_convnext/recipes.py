@@ -96,12 +96,16 @@ class Recipe:
                 checks.number("drop_path_rate", rate, 0.0, 1.0, high_open=True)
         for name, low, high in (("scale", 0.0, 1.0), ("ratio", 0.0, None)):
             pair = getattr(self, name)
+            bounds = f"0 < low <= high{f' <= {high}' if high else ''}"
             if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-                raise ValueError(f"`{name}` must be a (low, high) pair. {checks.received(name, pair)}")
-            for value in pair:
-                checks.number(name, value, low, high, low_open=True)
+                raise ValueError(f"`{name}` must be a (low, high) pair, {bounds}. {checks.received(name, pair)}")
+            try:
+                for value in pair:
+                    checks.number(name, value, low, high, low_open=True)
+            except ValueError:
+                raise ValueError(f"`{name}` must be (low, high) with {bounds}. {checks.received(name, pair)}") from None
             if pair[0] > pair[1]:
-                raise ValueError(f"`{name}` must be (low, high) with low <= high. {checks.received(name, pair)}")
+                raise ValueError(f"`{name}` must be (low, high) with {bounds}. {checks.received(name, pair)}")
             object.__setattr__(self, name, tuple(float(v) for v in pair))
         if self.rand_augment is not None:
             pair = self.rand_augment

@@ -226,7 +226,8 @@ def read_weights(path):
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        what = "a folder, not a checkpoint file" if os.path.isdir(path) else "no such file"
+        what = ("a folder, not a checkpoint file" if os.path.isdir(path) else
+                "not a regular file (a device or a pipe)" if os.path.exists(path) else "no such file")
         raise CheckpointError(f"{path}: {what}. Received: path={path!r}")
     fmt = checkpoints.sniff_format(path)
     info = {"format": fmt, "path": path}
@@ -432,6 +433,11 @@ def load_weights(model, weights, preset=None, include_top=True, classes=1000, he
                 "into a model built with the same arguments; save a .keras file to load across "
                 "configurations."
             ) from e
+        # Keras loads whatever numbers the file holds: a NaN or an infinity is refused here, as in every other format.
+        for variable in model.weights:
+            if not np.isfinite(np.asarray(variable, dtype="float32")).all():
+                raise CheckpointError(f"{path}: {variable.path} holds NaN or infinite values after loading: the file "
+                                      "is damaged or was saved from a diverged run.")
         return
     notes = assign(model, layers, path, head_init_scale)
     if "norm_epsilon" in info and "norm" in {layer.name for layer in model.layers}:

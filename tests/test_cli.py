@@ -79,9 +79,19 @@ def test_convert_and_predict_on_a_real_photograph(tmp_path):
     assert table.returncode == 0 and f"1. {names[best[0]][1]}" in table.stdout
 
 
+# What TensorFlow's C++ runtime prints when it starts, before its logging reads TF_CPP_MIN_LOG_LEVEL.
+TF_START_UP = ("WARNING: All log messages before absl::InitializeLog()", "I0000 ", "To enable the following")
+
+
+def _error_lines(stderr):
+    """stderr without TensorFlow's start-up lines (printed on the TensorFlow backend when `import keras`
+    starts it, before the command line runs)."""
+    return [line for line in stderr.strip().splitlines() if not line.startswith(TF_START_UP)]
+
+
 def test_predict_errors_are_one_line():
     done = _cli("predict", "nowhere.png", "--preset", "convnext_tiny.not_a_tag")
-    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
+    assert done.returncode == 2 and len(_error_lines(done.stderr)) == 1
     assert "Unknown preset" in done.stderr and "Received: preset='convnext_tiny.not_a_tag'" in done.stderr
     assert "Traceback" not in done.stderr
 
@@ -141,7 +151,7 @@ def hostile(tmp_path):
     (["train", "{d}", "--out", "{d}/run", "--set", "novalue"], ["key=value"]),
     (["train", "{d}", "--out", "{d}/run", "--set", "epochs=3"], ["has its own flag (--epochs)", "--set epochs=3"]),
     (["train", "{d}", "--out", "{d}/run", "--set", "seed=1"], ["(--seed)"]),
-    (["train", "{d}", "--out", "{d}/run", "--set", "scale=(2, 1)"], ["Received: scale="]),
+    (["train", "{d}", "--out", "{d}/run", "--set", "scale=(2, 1)"], ["0 < low <= high <= 1.0", "Received: scale=(2, 1)"]),
     (["train", "{d}", "--out", "{d}/run", "--epochs", "0"], ["Received: epochs=0"]),
     (["train", "{d}", "--out", "{d}/run", "--lr", "nan"], ["Received: lr=nan"]),
     (["export", "{d}/missing.keras", "{d}/out"], ["Received: model="]),
@@ -184,7 +194,7 @@ def test_debug_shows_the_traceback(tmp_path):
     assert done.returncode == 1 and "Traceback" in done.stderr and "Received: src=" in done.stderr
     done = _cli("convert", str(tmp_path / "missing.pth"), str(tmp_path / "out.keras"))
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1
+    assert len(_error_lines(done.stderr)) == 1
 
 
 def test_train_names_a_corrupt_image_and_a_stale_backup_in_one_line(tmp_path, capsys):
@@ -207,3 +217,23 @@ def test_train_names_a_corrupt_image_and_a_stale_backup_in_one_line(tmp_path, ca
     (backup / "training_metadata.json").write_text(json.dumps({"epoch": 1, "weights": "epoch-1.weights.h5"}))
     code, err = _run_main(capsys, "train", str(tmp_path / "data"), "--out", str(tmp_path / "run"))
     _assert_one_line(code, err, "--restart", str(backup))
+
+
+def test_argparse_errors_are_one_line_too(capsys):
+    code, err = _run_main(capsys, "export", "m.keras", "out", "--format", "zip")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "invalid choice: 'zip'" in err and "(--help shows the usage)" in err
+    code, err = _run_main(capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "required: COMMAND" in err
+
+
+def test_tensorflow_start_up_lines_do_not_precede_an_error_on_torch_and_jax(tmp_path):
+    import os
+
+    if os.environ.get("KERAS_BACKEND", "tensorflow") == "tensorflow":
+        pytest.skip("on the TensorFlow backend `import keras` starts TensorFlow before the command line runs")
+    done = _cli("train", str(tmp_path / "missing"), "--out", str(tmp_path / "run"))
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"keras-convnext train: error: `data` must be a folder of class folders or a TFDS name. "
+        f"Received: data={str(tmp_path / 'missing')!r}"]

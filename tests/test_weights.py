@@ -422,3 +422,35 @@ def test_a_checkpoint_is_checked_whole_before_a_model_is_built_from_it(tmp_path,
         with pytest.raises(CheckpointError, match=rf"{case}.safetensors: {message}"):
             function(str(path))
     assert not (tmp_path / "out.keras").exists()
+
+
+def test_a_keras_weights_file_with_nan_is_refused(tmp_path):
+    # model.load_weights takes whatever numbers the file holds: the loader checks them, as for every format.
+    import h5py
+
+    from conftest import TINY
+
+    model = kc.ConvNeXt(TINY["depths"], TINY["dims"], weights=None, input_shape=(32, 32, 3), classes=5)
+    model.save_weights(tmp_path / "good.weights.h5")
+    with h5py.File(tmp_path / "good.weights.h5", "a") as f:
+        names = []
+        f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) and obj.ndim else None)
+        data = f[names[0]][...]
+        data.flat[0] = np.nan
+        f[names[0]][...] = data
+    with pytest.raises(kc.CheckpointError, match=r"good\.weights\.h5: .* holds NaN or infinite values"):
+        kc.ConvNeXt(TINY["depths"], TINY["dims"], weights=str(tmp_path / "good.weights.h5"),
+                    input_shape=(32, 32, 3), classes=5)
+
+
+def test_a_pipe_or_a_device_is_not_read(tmp_path):
+    fifo = tmp_path / "weights.pth"
+    os.mkfifo(fifo)
+    with pytest.raises(kc.CheckpointError, match=r"not a regular file \(a device or a pipe\)"):
+        kc.weights.read_weights(str(fifo))
+    with pytest.raises(kc.CheckpointError, match=r"not a regular file"):
+        kc.weights.read_weights("/dev/zero")
+    image = tmp_path / "image.png"
+    os.mkfifo(image)
+    with pytest.raises(ValueError, match=r"not a regular file.*Received: path="):
+        kc.decode_image_bytes(str(image))  # would block on the pipe for ever
