@@ -23,6 +23,8 @@ from collections import OrderedDict
 
 import numpy as np
 
+from keras_convnext.checks import reason
+
 ZIP_MAGIC = b"PK\x03\x04"
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 
@@ -49,11 +51,6 @@ quote = _quote.repr  # a name or value from a file, in a message: repr, cut to 1
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be read or does not fit the model."""
-
-
-def reason(error):
-    """An exception as one line, `Type: message` (whitespace collapsed, the message cut at 300 characters)."""
-    return f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
 
 
 @contextlib.contextmanager

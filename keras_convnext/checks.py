@@ -8,6 +8,11 @@ import math
 import numbers
 
 
+def reason(error):
+    """An exception as one line, `Type: message` (whitespace collapsed, the message cut at 300 characters)."""
+    return f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
+
+
 def received(name, value):
     return f"Received: {name}={value!r}"
 

@@ -181,17 +181,13 @@ def _open(source, path):
     except UnidentifiedImageError as e:
         raise ImageReadError(path, "not an image format PIL knows, or a damaged header") from e
     except Exception as e:  # a damaged header surfaces as any of OSError, SyntaxError, struct.error, ...
-        raise ImageReadError(path, _reason(e)) from e
+        raise ImageReadError(path, checks.reason(e)) from e
     width, height = image.size
     if limit is not None and width * height > limit:
         image.close()
         raise ImageReadError(path, f"{width}x{height} = {width * height:,} pixels, more than the {limit:,} "
                                    f"allowed: {bomb}")
     return image
-
-
-def _reason(error):
-    return f"{type(error).__name__}: {error}".replace("\n", " ")
 
 
 def _rgb_image(image):
@@ -247,7 +243,7 @@ def decode_image_bytes(source, path=None, max_aspect_ratio=None):
         try:
             return np.asarray(_rgb_image(image), dtype=np.uint8)
         except Exception as e:  # truncated or damaged pixel data
-            raise ImageReadError(path, _reason(e)) from e
+            raise ImageReadError(path, checks.reason(e)) from e
 
 
 @functools.cache

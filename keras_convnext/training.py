@@ -112,8 +112,8 @@ def _start_over(backup_dir):
 
 
 def _unreadable_backup(backup_dir, error):
-    reason = f"{type(error).__name__}: {error}".replace("\n", " ")
-    return ValueError(f"The backup of an interrupted run cannot be read ({reason}). {_start_over(backup_dir)}")
+    return ValueError(f"The backup of an interrupted run cannot be read ({checks.reason(error)}). "
+                      f"{_start_over(backup_dir)}")
 
 
 def _resume(model, backup_dir, meta, verbose):

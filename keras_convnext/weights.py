@@ -429,7 +429,7 @@ def load_weights(model, weights, preset=None, include_top=True, classes=1000, he
             model.load_weights(path)
         except Exception as e:
             raise CheckpointError(
-                f"{path}: this .weights.h5 does not fit the model ({checkpoints.reason(e)}). A .weights.h5 loads only "
+                f"{path}: this .weights.h5 does not fit the model ({checks.reason(e)}). A .weights.h5 loads only "
                 "into a model built with the same arguments; save a .keras file to load across "
                 "configurations."
             ) from e
