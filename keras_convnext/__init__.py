@@ -1,13 +1,14 @@
 """keras-convnext: ConvNeXt for Keras 3, on TensorFlow, JAX and PyTorch."""
 
 from keras_convnext import backend_ops  # noqa: F401  (first: sets XLA's CPU schedule before JAX starts)
-from keras_convnext.layers import ConvNeXtPreprocessing, LayerScale, StochasticDepth
+from keras_convnext.layers import ConvNeXtBlock, ConvNeXtDownsample, ConvNeXtPreprocessing, ConvNeXtStage, StochasticDepth
 from keras_convnext.model import (
     ConvNeXt,
     ConvNeXtAtto,
     ConvNeXtBase,
     ConvNeXtFemto,
     ConvNeXtLarge,
+    ConvNeXtModel,
     ConvNeXtNano,
     ConvNeXtPico,
     ConvNeXtSmall,

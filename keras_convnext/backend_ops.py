@@ -238,14 +238,14 @@ def onednn_bf16():
     return bool(check is not None and torch.backends.mkldnn.is_available() and check())
 
 
-def _onednn_linear_ok(x, kernel):
+def _onednn_linear_ok(x, *params):
     import torch
 
     # oneDNN's linear (with or without a GELU post-op) has no autograd formula and is not traceable by torch.export or
     # ONNX export: inference in eager mode only (Keras's predict runs under no_grad).
     return (x.device.type == "cpu"
             and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and onednn_bf16()))
-            and not (torch.is_grad_enabled() and (x.requires_grad or kernel.requires_grad))
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params)))
             and not torch.compiler.is_compiling() and torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
@@ -263,7 +263,7 @@ def dense_torch(x, kernel, bias, gelu):
     kernel, bias = ops.convert_to_tensor(kernel), ops.convert_to_tensor(bias)
     kernel, bias = kernel.to(x.dtype), bias.to(x.dtype)
     flat = x.reshape(-1, x.shape[-1])
-    if _onednn_linear_ok(flat, kernel):
+    if _onednn_linear_ok(flat, kernel, bias):
         y = torch.ops.mkldnn._linear_pointwise(flat, kernel.t(), bias, "gelu" if gelu else "none", [], "none")
     else:
         y = torch.addmm(bias, flat, kernel)
@@ -283,7 +283,7 @@ def dense_scale_add_torch(x, kernel, bias, gamma, shortcut):
     kernel, bias, gamma = (ops.convert_to_tensor(v) for v in (kernel, bias, gamma))
     flat = x.reshape(-1, x.shape[-1])
     if (shortcut.dtype != x.dtype or tuple(shortcut.shape) != (*x.shape[:-1], kernel.shape[-1])
-            or not _onednn_linear_ok(flat, kernel) or not hasattr(torch.ops.mkldnn._linear_pointwise, "binary")):
+            or not _onednn_linear_ok(flat, kernel, bias, gamma, shortcut) or not hasattr(torch.ops.mkldnn._linear_pointwise, "binary")):
         return None
     w, b = (kernel * gamma).to(x.dtype).t(), (bias * gamma).to(x.dtype)
     y = torch.ops.mkldnn._linear_pointwise.binary(flat, shortcut.reshape(flat.shape[0], -1), w, b, "add")

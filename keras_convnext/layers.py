@@ -17,16 +17,16 @@ class ConvNeXtPreprocessing(keras.layers.Layer):
     multiply-add. Accepts any float or integer input dtype.
 
     Args:
-        mean: per-channel mean of [0, 1] pixels (3 floats).
-        std: per-channel standard deviation of [0, 1] pixels (3 floats).
+        mean: per-channel mean of [0, 1] pixels (one float per input channel).
+        std: per-channel standard deviation of [0, 1] pixels (one float per input channel).
     """
 
     def __init__(self, mean, std, **kwargs):
         super().__init__(**kwargs)
         mean, std = [float(m) for m in mean], [float(s) for s in std]
-        if len(mean) != 3 or len(std) != 3:
+        if not mean or len(mean) != len(std):
             raise ValueError(
-                "`mean` and `std` need one value per RGB channel. "
+                "`mean` and `std` need one value per input channel, as many of each. "
                 f"Received: mean={mean}, std={std}"
             )
         if min(std) <= 0:
@@ -92,37 +92,6 @@ class HostConstant(keras.initializers.Constant):
 
         values = np.full(shape, self.value, dtype=np.float32)
         return ops.convert_to_tensor(values, dtype=dtype or keras.config.floatx())
-
-
-@keras.saving.register_keras_serializable(package=PACKAGE)
-class LayerScale(keras.layers.Layer):
-    """Multiplies the channels by a learned vector `gamma` (CaiT's layer scale).
-
-    Args:
-        init_value: initial value of every entry of `gamma` (1e-6 in ConvNeXt).
-    """
-
-    def __init__(self, init_value=1e-6, **kwargs):
-        super().__init__(**kwargs)
-        self.init_value = float(init_value)
-
-    def build(self, input_shape):
-        self.gamma = self.add_weight(
-            name="gamma",
-            shape=(input_shape[-1],),
-            initializer=HostConstant(self.init_value),
-        )
-
-    def call(self, inputs):
-        return inputs * ops.cast(self.gamma, inputs.dtype)
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
-    def get_config(self):
-        config = super().get_config()
-        config.update({"init_value": self.init_value})
-        return config
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -254,7 +223,8 @@ class PointwiseDense(keras.layers.Dense):
     def scale_add(self, inputs, gamma, shortcut):
         """`shortcut + self(inputs) * gamma` as one fused op, or None where the backend has none.
 
-        ConvNeXtModel's forward uses it for a block's pwconv2 -> LayerScale -> Add at inference.
+        `ConvNeXtBlock` uses it for its pwconv2 -> layer scale -> residual add at inference; the
+        backend form runs only on concrete tensors none of which needs a gradient.
         """
         from keras_convnext import backend_ops
 
@@ -281,3 +251,186 @@ class LayerNorm(keras.layers.LayerNormalization):
             return super().call(inputs)
         out = backend_ops.layer_norm(inputs, self.gamma, self.beta, self.epsilon)
         return keras.ops.cast(out, self.compute_dtype)
+
+
+# --- the ConvNeXt building blocks -------------------------------------------------------------
+
+LN_EPS = 1e-6  # every ConvNeXt LayerNorm, stem to head
+
+
+def kernel_init(scale=1.0):
+    # Official init: truncated normal, std 0.02, for every conv and linear kernel (drawn on the host:
+    # Keras's backend draw leaves ~200 MB of freed working memory in the process, HostTruncatedNormal).
+    return HostTruncatedNormal(stddev=0.02 * scale)
+
+
+def layer_norm(name, **kwargs):
+    """ConvNeXt's LayerNorm (eps 1e-6, gamma 1, beta 0, filled on the host) in each backend's fastest form."""
+    return LayerNorm(epsilon=LN_EPS, name=name, gamma_initializer=HostConstant(1.0),
+                     beta_initializer=HostConstant(0.0), **kwargs)
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class ConvNeXtBlock(keras.layers.Layer):
+    """One ConvNeXt block: dwconv 7x7 -> LayerNorm -> Dense 4C -> GELU -> Dense C -> scale -> drop path, + x.
+
+    A layer, as the official code's `Block`: its intermediates live only during its `call`. Its
+    sublayers and variable are named as the official keys (`dwconv`, `norm`, `pwconv1`, `pwconv2`,
+    `gamma`; `names.py`). At inference on PyTorch, with concrete tensors none of which needs a
+    gradient, the last three steps run as one oneDNN GEMM (`PointwiseDense.scale_add`); otherwise,
+    and on every other backend, they run step by step, the same numbers.
+
+    Args:
+        dim: channels in and out.
+        drop_path_rate: stochastic depth of the block's residual branch, in [0, 1).
+        layer_scale_init_value: initial value of the layer scale `gamma` (0 or None: no layer scale).
+    """
+
+    def __init__(self, dim, drop_path_rate=0.0, layer_scale_init_value=1e-6, **kwargs):
+        super().__init__(**kwargs)
+        self.dim = checks.integer("dim", dim, minimum=1)
+        self.drop_path_rate = checks.number("drop_path_rate", drop_path_rate, 0.0, 1.0, high_open=True)
+        if layer_scale_init_value is not None:
+            checks.number("layer_scale_init_value", layer_scale_init_value, 0.0)
+        self.layer_scale_init_value = layer_scale_init_value
+        policy = {"dtype": self.dtype_policy}
+        # A real depthwise op (not a grouped Conv2D), in each backend's fastest form (backend_ops).
+        self.dwconv = DepthwiseConv(7, kernel_initializer=kernel_init(), name="dwconv", **policy)
+        self.norm = layer_norm("norm", **policy)
+        # Pointwise convs as Dense on (N, H, W, C): the same maths as 1x1 convs, as in the paper's code;
+        # "gelu" is Keras's exact (erf) GELU, as the paper uses.
+        self.pwconv1 = PointwiseDense(4 * self.dim, activation="gelu", kernel_initializer=kernel_init(),
+                                      bias_initializer=HostConstant(0.0), name="pwconv1", **policy)
+        self.pwconv2 = PointwiseDense(self.dim, kernel_initializer=kernel_init(), bias_initializer=HostConstant(0.0),
+                                      name="pwconv2", **policy)
+        self.drop_path = (StochasticDepth(self.drop_path_rate, name="drop_path", **policy)
+                          if self.drop_path_rate > 0 else None)
+
+    def build(self, input_shape):
+        if input_shape[-1] != self.dim:
+            raise ValueError(f"ConvNeXtBlock({self.dim}) takes {self.dim} channels. Received: input_shape={input_shape}")
+        self.dwconv.build(input_shape)
+        self.norm.build(input_shape)
+        self.pwconv1.build(input_shape)
+        self.pwconv2.build(tuple(input_shape[:-1]) + (4 * self.dim,))
+        self.gamma = None
+        if self.layer_scale_init_value:
+            self.gamma = self.add_weight(name="gamma", shape=(self.dim,),
+                                         initializer=HostConstant(self.layer_scale_init_value))
+
+    def call(self, inputs, training=None):
+        x = self.pwconv1(self.norm(self.dwconv(inputs)))
+        if self.gamma is not None:
+            fused = self.pwconv2.scale_add(x, self.gamma, inputs)
+            if fused is not None:
+                return fused  # inference only: the drop path is the identity there
+        x = self.pwconv2(x)
+        if self.gamma is not None:
+            x = x * ops.cast(self.gamma, x.dtype)
+        if self.drop_path is not None:
+            x = self.drop_path(x, training=training)
+        return inputs + x
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"dim": self.dim, "drop_path_rate": self.drop_path_rate,
+                       "layer_scale_init_value": self.layer_scale_init_value})
+        return config
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class ConvNeXtDownsample(keras.layers.Layer):
+    """The stem (`stem=True`: 4x4 stride-4 conv, then LayerNorm) or a downsampling (LayerNorm, then 2x2 stride-2 conv).
+
+    Sublayers `conv` and `norm`; the official keys are `downsample_layers.<stage>.<0|1>` (names.py).
+
+    Args:
+        dim: output channels.
+        stem: the stem (the first stage's) or a later stage's downsampling.
+    """
+
+    def __init__(self, dim, stem=False, **kwargs):
+        super().__init__(**kwargs)
+        self.dim = checks.integer("dim", dim, minimum=1)
+        self.stem = checks.boolean("stem", stem)
+        policy = {"dtype": self.dtype_policy}
+        conv = PatchifyStem if self.stem else keras.layers.Conv2D
+        size = 4 if self.stem else 2
+        self.conv = conv(self.dim, size, strides=size, kernel_initializer=kernel_init(),
+                         bias_initializer=HostConstant(0.0), name="conv", **policy)
+        self.norm = layer_norm("norm", **policy)
+
+    def build(self, input_shape):
+        if self.stem:
+            self.conv.build(input_shape)
+            self.norm.build(self.conv.compute_output_shape(input_shape))
+        else:
+            self.norm.build(input_shape)
+            self.conv.build(input_shape)
+
+    def call(self, inputs):
+        return self.norm(self.conv(inputs)) if self.stem else self.conv(self.norm(inputs))
+
+    def compute_output_shape(self, input_shape):
+        return self.conv.compute_output_shape(input_shape)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"dim": self.dim, "stem": self.stem})
+        return config
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class ConvNeXtStage(keras.layers.Layer):
+    """One stage: its downsampling (the stem for stage 0), then `len(drop_path_rates)` blocks.
+
+    A layer, so that the functional model holds one map per stage, not one per step (eager
+    inference memory); `downsample` and `blocks[j]` (named `block_<j>`) are its sublayers.
+
+    Args:
+        dim: the stage's channels.
+        drop_path_rates: each block's stochastic depth (their number is the stage's depth).
+        layer_scale_init_value: the blocks' initial layer scale.
+        stem: the first stage (its downsampling is the 4x4 stem).
+    """
+
+    def __init__(self, dim, drop_path_rates, layer_scale_init_value=1e-6, stem=False, **kwargs):
+        super().__init__(**kwargs)
+        if not isinstance(drop_path_rates, (list, tuple)) or not drop_path_rates:
+            raise ValueError(f"`drop_path_rates` needs one rate per block. Received: drop_path_rates={drop_path_rates!r}")
+        self.dim = checks.integer("dim", dim, minimum=1)
+        self.drop_path_rates = [float(rate) for rate in drop_path_rates]
+        self.layer_scale_init_value = layer_scale_init_value
+        self.stem = checks.boolean("stem", stem)
+        policy = {"dtype": self.dtype_policy}
+        self.downsample = ConvNeXtDownsample(self.dim, stem=self.stem, name="downsample", **policy)
+        self.blocks = [ConvNeXtBlock(self.dim, rate, layer_scale_init_value, name=f"block_{j}", **policy)
+                       for j, rate in enumerate(self.drop_path_rates)]
+
+    @property
+    def depth(self):
+        return len(self.blocks)
+
+    def build(self, input_shape):
+        self.downsample.build(input_shape)
+        shape = self.downsample.compute_output_shape(input_shape)
+        for block in self.blocks:
+            block.build(shape)
+
+    def call(self, inputs, training=None):
+        x = self.downsample(inputs)
+        for block in self.blocks:
+            x = block(x, training=training)
+        return x
+
+    def compute_output_shape(self, input_shape):
+        return self.downsample.compute_output_shape(input_shape)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"dim": self.dim, "drop_path_rates": self.drop_path_rates,
+                       "layer_scale_init_value": self.layer_scale_init_value, "stem": self.stem})
+        return config

@@ -1,82 +1,140 @@
-"""ConvNeXt (Liu et al., "A ConvNet for the 2020s", CVPR 2022) as Keras 3 functional models.
+"""ConvNeXt (Liu et al., "A ConvNet for the 2020s", CVPR 2022) as one Keras 3 model class.
 
-Layer names are the weight contract: each is the official checkpoint key with "." -> "_"
-(`stages.2.5.pwconv1` <-> `stages_2_5_pwconv1`), so that loading a checkpoint is a renaming.
+`ConvNeXtModel` is a functional `keras.Model` whose config is its constructor arguments (depths,
+dims, include_top, ...), as keras-hub's backbones: `get_config`/`from_config`, `.keras` files and
+`clone_model` rebuild it from them. The builders (`ConvNeXt`, `ConvNeXtTiny`, ...) are the public
+face: they check their arguments, resolve the weights and load them. Variable names follow the
+official checkpoint keys (names.py).
 """
 
-import functools
 import os
 
 import keras
 
-from keras_convnext import checks
+from keras_convnext import checks, names
 from keras_convnext import presets as presets_lib
-from keras_convnext.layers import (ConvNeXtPreprocessing, DepthwiseConv, HostConstant, HostTruncatedNormal, LayerNorm,
-                                   LayerScale, PatchifyStem, PointwiseDense, StochasticDepth)
+from keras_convnext.layers import ConvNeXtPreprocessing, ConvNeXtStage, HostConstant, kernel_init, layer_norm
 from keras_convnext.variants import MIN_IMAGE_SIZE, VARIANTS
 
-LN_EPS = 1e-6  # every ConvNeXt LayerNorm, stem to head
 POOLINGS = (None, "avg", "max")
 PYRAMID_LEVELS = ("P2", "P3", "P4", "P5")  # strides 4, 8, 16, 32, keras-hub's convention
 MIN_SIZE = MIN_IMAGE_SIZE
+CHANNELS_FIRST = (
+    "ConvNeXt does not support the `channels_first` image data format (its LayerNorms and Dense layers act on "
+    "the last axis). Switch to `channels_last` with keras.config.set_image_data_format('channels_last') or in "
+    "~/.keras/keras.json, and feed (batch, height, width, channels) images."
+)
 
 
-def keras_name(key):
-    """Official checkpoint module key -> Keras layer name (`stages.2.5.pwconv1` -> `stages_2_5_pwconv1`)."""
-    return key.replace(".", "_")
+def drop_path_rates(depths, drop_path_rate):
+    """Each block's stochastic depth, stage by stage: linear over all blocks, rate * k / (n - 1)."""
+    total, rates, k = sum(depths), [], 0
+    for depth in depths:
+        rates.append([drop_path_rate * (k + j) / max(total - 1, 1) for j in range(depth)])
+        k += depth
+    return rates
 
 
-def _kernel_init(scale=1.0):
-    # Official init: truncated normal, std 0.02, for every conv and linear kernel (drawn on the host:
-    # Keras's backend draw leaves ~200 MB of freed working memory in the process, layers.py).
-    return HostTruncatedNormal(stddev=0.02 * scale)
+def channel_stats(values, channels):
+    """An RGB mean or std for `channels` input channels: as it is for 3, their average for 1, cycled for more.
 
-
-def _zeros():
-    return HostConstant(0.0)  # every bias: zeros, filled on the host (layers.py)
-
-
-def _layer_norm(name, **kwargs):
-    # LayerNormalization in the fastest form per backend; gamma 1, beta 0, filled on the host.
-    return LayerNorm(epsilon=LN_EPS, name=name, gamma_initializer=HostConstant(1.0), beta_initializer=_zeros(),
-                     **kwargs)
-
-
-def _block(x, dim, drop_path, layer_scale_init_value, prefix):
-    """One ConvNeXt block: dwconv 7x7 -> LN -> Dense 4C -> GELU -> Dense C -> scale -> drop path, + x."""
-    shortcut = x
-    # A real depthwise op (not a grouped Conv2D), in each backend's fastest form (backend_ops).
-    x = DepthwiseConv(7, kernel_initializer=_kernel_init(), name=f"{prefix}_dwconv")(x)
-    x = _layer_norm(f"{prefix}_norm")(x)
-    # Pointwise convs as Dense on (N, H, W, C): the same maths as 1x1 convs, as in the paper's code.
-    # PointwiseDense: Dense with the bias and GELU fused into the product where the backend can.
-    x = PointwiseDense(
-        4 * dim, activation="gelu", kernel_initializer=_kernel_init(), bias_initializer=_zeros(),
-        name=f"{prefix}_pwconv1",
-    )(x)  # "gelu" is Keras's exact (erf) GELU, as the paper uses
-    x = PointwiseDense(dim, kernel_initializer=_kernel_init(), bias_initializer=_zeros(), name=f"{prefix}_pwconv2")(x)
-    if layer_scale_init_value:
-        x = LayerScale(layer_scale_init_value, name=f"{prefix}_gamma")(x)
-    if drop_path > 0:
-        x = StochasticDepth(drop_path, name=f"{prefix}_drop_path")(x)
-    return keras.layers.Add(name=f"{prefix}_add")([shortcut, x])
+    The same rule as the stem's adaptation (weights.adapt_stem): one grey channel is the RGB average,
+    N channels repeat R, G, B.
+    """
+    values = [float(v) for v in values]
+    if channels == len(values):
+        return values
+    if channels == 1:
+        return [sum(values) / len(values)]
+    return [values[c % len(values)] for c in range(channels)]
 
 
 @keras.saving.register_keras_serializable(package="keras_convnext")
 class ConvNeXtModel(keras.Model):
-    """A functional model whose forward pass frees each intermediate after its last use.
+    """A ConvNeXt of any depths and widths, rebuilt from its constructor arguments.
 
-    Keras's functional executor keeps every intermediate tensor until the forward ends; in eager
-    execution (PyTorch's `predict`, a direct call) that holds all of a ConvNeXt's activations at
-    once, ~3x timm's inference memory. Same graph, same weights, same numbers; only the
-    bookkeeping differs. Under jit (JAX, tf.function) it changes nothing.
+    The graph: `images` -> `preprocessing` (optional) -> `stages_0`..`stages_3` (ConvNeXtStage:
+    the stem or downsampling, then the blocks) -> `avg_pool`/`max_pool` -> `norm` -> `head` ->
+    `predictions`. Arguments as `ConvNeXt` (without `weights`), plus `mean`/`std` of the
+    preprocessing (the weights' statistics; ImageNet's by default) and `input_tensor`, a
+    `keras.Input` to start from. Build it through the builders, which also load weights.
     """
+
+    def __init__(self, depths, dims, include_top=True, include_preprocessing=True, input_shape=None, pooling=None,
+                 classes=1000, classifier_activation="softmax", drop_path_rate=0.0, layer_scale_init_value=1e-6,
+                 head_init_scale=1.0, mean=None, std=None, input_tensor=None, name=None, **kwargs):
+        if keras.config.image_data_format() == "channels_first":
+            raise ValueError(f"{CHANNELS_FIRST} Received: image_data_format='channels_first'")
+        shape = _check_args(depths, dims, include_top, include_preprocessing, input_tensor, input_shape, pooling,
+                            classes, classifier_activation, name, drop_path_rate, layer_scale_init_value,
+                            head_init_scale)
+        depths, dims = tuple(int(d) for d in depths), tuple(int(d) for d in dims)
+        if shape is None:
+            shape = (224, 224, 3) if include_top else (None, None, 3)
+        variant = variant_of(depths, dims)
+        inputs = input_tensor if input_tensor is not None else keras.Input(shape=shape, name="images")
+        x = inputs
+        mean = channel_stats(presets_lib.IMAGENET_MEAN if mean is None else mean, shape[-1])
+        std = channel_stats(presets_lib.IMAGENET_STD if std is None else std, shape[-1])
+        if include_preprocessing:
+            x = ConvNeXtPreprocessing(mean, std, name="preprocessing")(x)
+        for stage, (dim, rates) in enumerate(zip(dims, drop_path_rates(depths, drop_path_rate))):
+            x = ConvNeXtStage(dim, rates, layer_scale_init_value, stem=stage == 0,
+                              name=names.STAGE.format(stage))(x)
+        if include_top or pooling is not None:
+            pool = keras.layers.GlobalMaxPooling2D if pooling == "max" else keras.layers.GlobalAveragePooling2D
+            x = pool(name=f"{pooling or 'avg'}_pool")(x)
+            # pool -> norm -> head, as the official weights expect; the pooled features leave in float32.
+            x = layer_norm("norm", dtype="float32")(x)
+        if include_top:
+            x = keras.layers.Dense(classes, kernel_initializer=kernel_init(head_init_scale),
+                                   bias_initializer=HostConstant(0.0), name="head")(x)
+            # A float32 activation: mixed-precision models still return float32 probabilities.
+            x = keras.layers.Activation(classifier_activation, dtype="float32", name="predictions")(x)
+        super().__init__(inputs, x, name=name or (f"convnext_{variant}" if variant else "convnext"), **kwargs)
+        self.depths, self.dims = depths, dims
+        self.include_top, self.include_preprocessing, self.pooling = include_top, include_preprocessing, pooling
+        self.image_shape = tuple(shape)
+        self.classes, self.classifier_activation = classes, classifier_activation
+        self.drop_path_rate, self.layer_scale_init_value = drop_path_rate, layer_scale_init_value
+        self.head_init_scale, self.mean, self.std = head_init_scale, mean, std
+
+    @property
+    def variant(self):
+        """The named variant of these depths and dims ("tiny", ...), or None for a custom one."""
+        return variant_of(self.depths, self.dims)
+
+    @property
+    def stages(self):
+        """The four ConvNeXtStage layers."""
+        return [self.get_layer(names.STAGE.format(stage)) for stage in range(4)]
+
+    def get_config(self):
+        activation = self.classifier_activation
+        if callable(activation):
+            activation = keras.activations.serialize(activation)
+        return {
+            "name": self.name, "trainable": self.trainable, "depths": list(self.depths), "dims": list(self.dims),
+            "include_top": self.include_top, "include_preprocessing": self.include_preprocessing,
+            "input_shape": list(self.image_shape), "pooling": self.pooling, "classes": self.classes,
+            "classifier_activation": activation, "drop_path_rate": self.drop_path_rate,
+            "layer_scale_init_value": self.layer_scale_init_value, "head_init_scale": self.head_init_scale,
+            "mean": self.mean, "std": self.std,
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        if isinstance(config.get("classifier_activation"), dict):
+            config["classifier_activation"] = keras.activations.deserialize(config["classifier_activation"])
+        config["input_shape"] = tuple(config["input_shape"])
+        return cls(**config)
 
     def _check_image_arrays(self, x):
         """A too-small array batch is refused before Keras's loop starts (on JAX, an error inside the
         traced predict leaves the model's variables purged, so a later good call fails too)."""
         shape = getattr(x, "shape", None)
-        if shape is None or len(self.inputs) != 1 or len(shape) != 4:
+        if shape is None or len(shape) != 4:
             return
         if any(s is not None and s < MIN_SIZE for s in tuple(shape)[1:3]):
             raise ValueError(
@@ -96,92 +154,10 @@ class ConvNeXtModel(keras.Model):
         self._check_image_arrays(x)
         return super().fit(x, *args, **kwargs)
 
-    # The graph is fixed once the model is built: what the forward looks up in it is derived once.
-    @functools.cached_property
-    def _release_counts(self):
-        """{id(tensor): how many nodes take it as input}."""
-        counts = {}
-        for nodes in self._nodes_by_depth.values():
-            for node in nodes:
-                if node.operation and not node.is_input:
-                    for x in node.input_tensors:
-                        counts[id(x)] = counts.get(id(x), 0) + 1
-        return counts
 
-    @functools.cached_property
-    def _block_tails(self):
-        """{id(pwconv2 node): (its LayerScale node, the Add node, the shortcut)} for every block
-        ending PointwiseDense -> LayerScale -> Add (without drop path) whose inner tensors are
-        not model outputs: the steps `PointwiseDense.scale_add` can compute in one."""
-        keep = {id(x) for x in self.outputs}
-        consumers = {}
-        for nodes in self._nodes_by_depth.values():
-            for node in nodes:
-                for x in node.input_tensors:
-                    consumers.setdefault(id(x), []).append(node)
-
-        def only_consumer(node, kind):
-            after = consumers.get(id(node.outputs[0]), [])
-            ok = len(node.outputs) == 1 and len(after) == 1 and isinstance(after[0].operation, kind)
-            return after[0] if ok and id(node.outputs[0]) not in keep else None
-
-        tails = {}
-        for nodes in self._nodes_by_depth.values():
-            for node in nodes:
-                if not isinstance(node.operation, PointwiseDense) or len(node.input_tensors) != 1:
-                    continue
-                scale = only_consumer(node, LayerScale)
-                add = scale and only_consumer(scale, keras.layers.Add)
-                if add and len(add.input_tensors) == 2:
-                    shortcut = next(x for x in add.input_tensors if x is not scale.outputs[0])
-                    tails[id(node)] = (scale, add, shortcut)
-        return tails
-
-    def _run_through_graph(self, inputs, operation_fn=lambda op: op, call_fn=None):
-        tensors = {id(x): y for x, y in zip(self.inputs, keras.tree.flatten(inputs))}
-        keep = {id(x) for x in self.outputs}
-        remaining = dict(self._release_counts)
-        # Eager PyTorch inference computes each block's tail in one op (backend_ops.dense_scale_add).
-        tails = self._block_tails if call_fn is None and keras.backend.backend() == "torch" else {}
-
-        def consumed(tensors_used):
-            for x in tensors_used:
-                remaining[id(x)] -= 1
-                if remaining[id(x)] == 0 and id(x) not in keep:
-                    tensors.pop(id(x), None)
-
-        for depth in sorted(self._nodes_by_depth, reverse=True):
-            for node in self._nodes_by_depth[depth]:
-                if not node.operation or node.is_input:
-                    continue
-                if any(id(x) not in tensors for x in node.input_tensors):
-                    continue  # (also the LayerScale and Add of a fused tail: their inputs never exist)
-                if id(node) in tails:
-                    scale, add, shortcut = tails[id(node)]
-                    out = node.operation.scale_add(tensors[id(node.input_tensors[0])], scale.operation.gamma,
-                                                   tensors[id(shortcut)])
-                    if out is not None:
-                        tensors[id(add.outputs[0])] = out
-                        consumed([node.input_tensors[0], shortcut])
-                        continue
-                args, kwargs = node.arguments.fill_in(tensors)
-                if call_fn is not None:
-                    outputs = call_fn(operation_fn(node.operation), *args, **kwargs)
-                else:
-                    outputs = operation_fn(self._get_operation_for_node(node))(*args, **kwargs)
-                for x, y in zip(node.outputs, keras.tree.flatten(outputs)):
-                    tensors[id(x)] = y
-                del args, kwargs, outputs
-                consumed(node.input_tensors)
-        missing = [x for x in self.outputs if id(x) not in tensors]
-        if missing:
-            raise ValueError(f"Outputs {missing} are not connected to the model's inputs.")
-        return keras.tree.pack_sequence_as(self._outputs_struct, [tensors[id(x)] for x in self.outputs])
-
-
-def _check_args(depths, dims, include_top, include_preprocessing, weights, input_tensor, input_shape, pooling,
-                classes, classifier_activation, name, drop_path_rate, layer_scale_init_value, head_init_scale):
-    """Every argument checked before any file is fetched; returns the resolved input shape."""
+def _check_args(depths, dims, include_top, include_preprocessing, input_tensor, input_shape, pooling, classes,
+                classifier_activation, name, drop_path_rate, layer_scale_init_value, head_init_scale):
+    """Every argument checked before any work; returns the resolved input shape (None: the default)."""
     if not isinstance(depths, (list, tuple)) or not isinstance(dims, (list, tuple)) or len(depths) != 4 or (
             len(dims) != 4):
         raise ValueError(
@@ -207,40 +183,42 @@ def _check_args(depths, dims, include_top, include_preprocessing, weights, input
     if layer_scale_init_value is not None:
         checks.number("layer_scale_init_value", layer_scale_init_value, 0.0)
     checks.number("head_init_scale", head_init_scale, 0.0, low_open=True)
-    if weights is not None and not isinstance(weights, (str, os.PathLike)):
-        raise ValueError(
-            "`weights` must be None, 'imagenet', a preset name or a file path. "
-            f"Received: weights={weights!r}"
-        )
     if input_tensor is not None:
-        if not hasattr(input_tensor, "shape"):
-            raise ValueError(f"`input_tensor` must be a Keras tensor. Received: input_tensor={input_tensor!r}")
+        if not keras.backend.is_keras_tensor(input_tensor):
+            raise ValueError(
+                "`input_tensor` must be a Keras tensor (`keras.Input(...)` or a layer's output on one); to run the "
+                f"model on data, call it. Received: input_tensor={type(input_tensor).__name__}"
+            )
         shape = tuple(input_tensor.shape[1:])
+        if input_shape is not None and tuple(input_shape) != shape:
+            raise ValueError(f"`input_shape` {tuple(input_shape)} differs from `input_tensor`'s shape {shape}. "
+                             f"Received: input_shape={input_shape!r}")
     elif input_shape is not None:
         if not isinstance(input_shape, (list, tuple)):
-            raise ValueError(f"`input_shape` must be (height, width, 3). Received: input_shape={input_shape!r}")
+            raise ValueError(f"`input_shape` must be (height, width, channels). Received: input_shape={input_shape!r}")
         shape = tuple(input_shape)
     else:
         shape = None
     if shape is not None:
         if len(shape) != 3:
-            raise ValueError(
-                f"`input_shape` must be (height, width, 3). Received: input_shape={shape}"
-            )
+            raise ValueError(f"`input_shape` must be (height, width, channels). Received: input_shape={shape}")
         if any(s is not None and (isinstance(s, bool) or not isinstance(s, int)) for s in shape):
-            raise ValueError(
-                f"`input_shape` must hold integers or None. Received: input_shape={shape}"
-            )
-        if shape[-1] != 3:
-            raise ValueError(
-                "ConvNeXt takes RGB images, 3 channels last. " f"Received: input_shape={shape}"
-            )
+            raise ValueError(f"`input_shape` must hold integers or None. Received: input_shape={shape}")
+        if shape[-1] is None or shape[-1] < 1:
+            raise ValueError(f"`input_shape` needs a known, positive channel count, last. Received: input_shape={shape}")
         if any(s is not None and s < MIN_SIZE for s in shape[:2]):
             raise ValueError(
-                f"ConvNeXt needs inputs of at least {MIN_SIZE}x{MIN_SIZE} pixels. "
-                f"Received: input_shape={shape}"
+                f"ConvNeXt needs inputs of at least {MIN_SIZE}x{MIN_SIZE} pixels. Received: input_shape={shape}"
             )
     return shape
+
+
+def _check_weights(weights):
+    if weights is not None and not isinstance(weights, (str, os.PathLike)):
+        raise ValueError(
+            "`weights` must be None, 'imagenet', a preset name or a file path. "
+            f"Received: weights={weights!r}"
+        )
 
 
 def _resolve_preset(weights, variant):
@@ -272,7 +250,8 @@ def _resolve_preset(weights, variant):
     raise ValueError(f"Unknown `weights`. Valid values: {valid}. Received: weights={weights!r}")
 
 
-def _variant_of(depths, dims):
+def variant_of(depths, dims):
+    """The name of the variant with these depths and dims, or None."""
     for variant in VARIANTS.values():
         if tuple(depths) == variant.depths and tuple(dims) == variant.dims:
             return variant.name
@@ -320,66 +299,31 @@ def ConvNeXt(
     Returns:
         A `keras.Model`.
     """
-    shape = _check_args(depths, dims, include_top, include_preprocessing, weights, input_tensor, input_shape,
-                        pooling, classes, classifier_activation, name, drop_path_rate, layer_scale_init_value,
-                        head_init_scale)
-    depths, dims = tuple(depths), tuple(dims)
-    variant = _variant_of(depths, dims)
-    preset = _resolve_preset(weights, variant)
+    if keras.config.image_data_format() == "channels_first":
+        raise ValueError(f"{CHANNELS_FIRST} Received: image_data_format='channels_first'")
+    shape = _check_args(depths, dims, include_top, include_preprocessing, input_tensor, input_shape, pooling, classes,
+                        classifier_activation, name, drop_path_rate, layer_scale_init_value, head_init_scale)
+    _check_weights(weights)
+    preset = _resolve_preset(weights, variant_of(depths, dims))
     if shape is None:
         size = preset.image_size if preset else 224
         shape = (size, size, 3) if include_top else (None, None, 3)
-    name = name or (f"convnext_{variant}" if variant else "convnext")
-
-    if input_tensor is None:
-        inputs = keras.Input(shape=shape, name="images")
-    elif keras.backend.is_keras_tensor(input_tensor):
-        inputs = input_tensor
-    else:
-        inputs = keras.Input(tensor=input_tensor, shape=shape, name="images")
-
-    x = inputs
-    if include_preprocessing:
-        mean = preset.mean if preset else presets_lib.IMAGENET_MEAN
-        std = preset.std if preset else presets_lib.IMAGENET_STD
-        x = ConvNeXtPreprocessing(mean, std, name="preprocessing")(x)
-
-    # Stem: "patchify" 4x4 stride-4 conv, then LayerNorm.
-    x = PatchifyStem(dims[0], 4, strides=4, kernel_initializer=_kernel_init(), bias_initializer=_zeros(),
-                     name=keras_name("downsample_layers.0.0"))(x)
-    x = _layer_norm(keras_name("downsample_layers.0.1"))(x)
-
-    total = sum(depths)
-    block_index = 0
-    for stage, (depth, dim) in enumerate(zip(depths, dims)):
-        if stage > 0:
-            x = _layer_norm(keras_name(f"downsample_layers.{stage}.0"))(x)
-            x = keras.layers.Conv2D(dim, 2, strides=2, kernel_initializer=_kernel_init(), bias_initializer=_zeros(),
-                                    name=keras_name(f"downsample_layers.{stage}.1"))(x)
-        for block in range(depth):
-            # Linear stochastic depth rule over all blocks: rate * k / (n - 1).
-            rate = drop_path_rate * block_index / max(total - 1, 1)
-            x = _block(x, dim, rate, layer_scale_init_value, keras_name(f"stages.{stage}.{block}"))
-            block_index += 1
-
-    if include_top or pooling is not None:
-        pool = keras.layers.GlobalMaxPooling2D if pooling == "max" else keras.layers.GlobalAveragePooling2D
-        x = pool(name=f"{pooling or 'avg'}_pool")(x)
-        # pool -> norm -> head, as the official weights expect; the pooled features leave in float32.
-        x = _layer_norm("norm", dtype="float32")(x)
-    if include_top:
-        x = keras.layers.Dense(classes, kernel_initializer=_kernel_init(head_init_scale), bias_initializer=_zeros(),
-                               name="head")(x)
-        # A float32 activation: mixed-precision models still return float32 probabilities.
-        x = keras.layers.Activation(classifier_activation, dtype="float32",
-                                    name="predictions")(x)
-
-    model = ConvNeXtModel(inputs, x, name=name)
+    sources = keras.utils.get_source_inputs(input_tensor) if input_tensor is not None else None
+    starts_here = sources is not None and len(sources) == 1 and sources[0] is input_tensor
+    model = ConvNeXtModel(
+        depths, dims, include_top=include_top, include_preprocessing=include_preprocessing, input_shape=shape,
+        pooling=pooling, classes=classes, classifier_activation=classifier_activation, drop_path_rate=drop_path_rate,
+        layer_scale_init_value=layer_scale_init_value, head_init_scale=head_init_scale,
+        mean=preset.mean if preset else None, std=preset.std if preset else None,
+        input_tensor=input_tensor if starts_here else None, name=name,
+    )
     if weights is not None:
         from keras_convnext import weights as weights_lib  # deferred: pulls in the converters
 
-        weights_lib.load_weights(model, weights, preset=preset, include_top=include_top,
-                                 classes=classes, head_init_scale=head_init_scale)
+        weights_lib.load_weights(model, weights, preset=preset, head_init_scale=head_init_scale)
+    if input_tensor is not None and not starts_here:
+        # As keras.applications: the model starts at the tensor's source inputs, with the layers before it.
+        return keras.Model(sources, model(input_tensor), name=model.name)
     return model
 
 
@@ -422,20 +366,14 @@ ConvNeXtXLarge.__name__ = ConvNeXtXLarge.__qualname__ = "ConvNeXtXLarge"
 
 
 def _stage_outputs(model):
-    """The four stage outputs of a builder's model: the last block's residual add of each stage."""
-    last = {}
-    for layer in model.layers:
-        parts = layer.name.split("_")
-        if len(parts) == 4 and parts[0] == "stages" and parts[3] == "add":
-            stage, block = int(parts[1]), int(parts[2])
-            if block >= last.get(stage, (-1, None))[0]:
-                last[stage] = (block, layer)
-    if sorted(last) != [0, 1, 2, 3]:
+    """The four ConvNeXtStage layers of a model built here (or of the ConvNeXt inside a wrapping model)."""
+    try:
+        return [model.get_layer(names.STAGE.format(stage)) for stage in range(4)]
+    except ValueError:
         raise ValueError(
-            "`feature_pyramid` needs a model built by keras_convnext (layers named "
-            f"'stages_<i>_<j>_add' for the four stages). Received: model={model.name!r}"
-        )
-    return [last[stage][1] for stage in range(4)]
+            "`feature_pyramid` needs a model built by keras_convnext (layers 'stages_0'..'stages_3'). "
+            f"Received: model={model.name!r}"
+        ) from None
 
 
 def feature_pyramid(model, norm=True):
@@ -450,10 +388,11 @@ def feature_pyramid(model, norm=True):
         A `keras.Model` sharing `model`'s layers, whose output is a dict `{"P2", "P3", "P4", "P5"}`
         of maps with strides 4, 8, 16 and 32.
     """
+    checks.boolean("norm", norm)
     outputs = {}
     for stage, layer in enumerate(_stage_outputs(model)):
         x = layer.output
         if norm:
-            x = _layer_norm(f"norm{stage}", dtype=layer.dtype_policy)(x)
+            x = layer_norm(names.PYRAMID_NORM.format(stage), dtype=layer.dtype_policy)(x)
         outputs[PYRAMID_LEVELS[stage]] = x
-    return ConvNeXtModel(model.input, outputs, name=f"{model.name}_pyramid")
+    return keras.Model(model.input, outputs, name=f"{model.name}_pyramid")

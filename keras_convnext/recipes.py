@@ -16,7 +16,7 @@ import re
 import keras
 from keras import ops
 
-from keras_convnext import checks
+from keras_convnext import checks, names
 from keras_convnext.variants import MIN_IMAGE_SIZE, VARIANTS
 
 _TORCH = keras.backend.backend() == "torch"
@@ -267,31 +267,26 @@ def get_recipe(name, **overrides):
     return dataclasses.replace(recipe, **overrides)
 
 
-# Keras names of the layers, from model.keras_name: downsample_layers_<stage>_<k>, stages_<stage>_<block>_*.
-_DOWNSAMPLE = re.compile(r"(?:^|/)downsample_layers_(\d+)_\d+/")
-_BLOCK = re.compile(r"(?:^|/)stages_(\d+)_(\d+)_")
-
-
 def layer_group(path, num_groups=NUM_LAYER_GROUPS):
     """The official layer-decay group of a variable, by its path: 0 (stem) .. num_groups + 1 (head).
 
     Stem -> 0; stage 0 -> 1; stage 1 and its downsampling -> 2; stage 2's downsampling -> 3 and
     its blocks three to a group from 3; stage 3 and its downsampling -> num_groups; anything
-    else (head norm, head, pyramid norms) -> num_groups + 1.
+    else (head norm, head, pyramid norms) -> num_groups + 1. The path is read through the
+    layer-name contract (names.official_key).
     """
-    match = _DOWNSAMPLE.search(path)
-    if match:
-        stage = int(match.group(1))
+    key = names.official_key(path)
+    where = names.stage_and_block(key) if key else None
+    if where is None:
+        return num_groups + 1
+    stage, block = where
+    if block is None:  # a downsampling (stage 0's is the stem)
         return {0: 0, 1: 2, 2: 3}.get(stage, num_groups)
-    match = _BLOCK.search(path)
-    if match:
-        stage, block = int(match.group(1)), int(match.group(2))
-        if stage < 2:
-            return stage + 1
-        if stage == 2:
-            return min(3 + block // 3, num_groups - 1)
-        return num_groups
-    return num_groups + 1
+    if stage < 2:
+        return stage + 1
+    if stage == 2:
+        return min(3 + block // 3, num_groups - 1)
+    return num_groups
 
 
 @keras.saving.register_keras_serializable(package="keras_convnext")

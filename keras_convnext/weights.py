@@ -1,7 +1,7 @@
 """Weights: layout conversion, strict assignment, download and the converted-preset cache.
 
 Every source layout (official, timm, Hugging Face, keras.applications) is first renamed to the
-official keys, then mapped mechanically onto Keras layer names (`model.keras_name`). Assignment
+official keys, then mapped mechanically onto the model's variables (names.py). Assignment
 is strict: every source tensor consumed, every model variable assigned, shapes checked by name.
 """
 
@@ -17,7 +17,7 @@ from keras_convnext import files
 from keras_convnext.checkpoints import CheckpointError
 # Fetching and caching files is keras_convnext.download's job; its names stay importable here.
 from keras_convnext.download import DownloadError, cache_dir, download, preset_cache_path  # noqa: F401
-from keras_convnext.model import keras_name
+from keras_convnext.names import keras_name, variables_by_module
 from keras_convnext.variants import VARIANTS
 
 
@@ -203,18 +203,6 @@ def _grouped_to_depthwise(value):
     return value.transpose(0, 1, 3, 2)  # grouped Conv2D (7, 7, 1, C) -> depthwise (7, 7, C, 1)
 
 
-# Each Keras layer type's variables, in `layer.weights` order, by their PyTorch parameter names
-# (subclasses, e.g. PointwiseDense and LayerNorm, have their parent's).
-_PARAM_ORDER = {
-    "Conv2D": ("weight", "bias"), "DepthwiseConv": ("weight", "bias"), "Dense": ("weight", "bias"),
-    "LayerNormalization": ("weight", "bias"), "LayerScale": ("gamma",),
-}
-
-
-def _param_order(layer):
-    return next((_PARAM_ORDER[c.__name__] for c in type(layer).__mro__ if c.__name__ in _PARAM_ORDER), None)
-
-
 def read_weights(path):
     """Reads any supported checkpoint file -> ({layer: {param: array}}, info dict).
 
@@ -267,7 +255,9 @@ def _check_complete(layers, path):
             raise CheckpointError(f"{path}: missing tensor 'stages_{stage}_{gap}_dwconv.weight' (stage {stage} "
                                   f"has block {max(blocks)}).")
     depths, dims, classes = architecture_of(layers)
-    for (layer, param), shape in _shapes(depths, dims, classes, with_norm="norm" in layers).items():
+    stem = layers.get("downsample_layers_0_0", {}).get("weight")
+    channels = stem.shape[2] if stem is not None else 3  # (a missing stem is named below)
+    for (layer, param), shape in _shapes(depths, dims, classes, with_norm="norm" in layers, channels=channels).items():
         value = layers.get(layer, {}).get(param)
         if value is None:
             raise CheckpointError(f"{path}: missing tensor '{layer}.{param}' (shape {shape} in the ConvNeXt of "
@@ -277,14 +267,14 @@ def _check_complete(layers, path):
                                   f"of depths {depths} and dims {dims} it holds expects {shape}.")
 
 
-def _shapes(depths, dims, classes, with_norm=False):
+def _shapes(depths, dims, classes, with_norm=False, channels=3):
     """{(layer, param): shape} of every variable of a ConvNeXt (no top: `classes` None), Keras layouts."""
     out = {}
 
     def put(layer, **shapes):
         out.update({(layer, param): shape for param, shape in shapes.items()})
 
-    put("downsample_layers_0_0", weight=(4, 4, 3, dims[0]), bias=(dims[0],))  # the 4x4 stride-4 stem
+    put("downsample_layers_0_0", weight=(4, 4, channels, dims[0]), bias=(dims[0],))  # the 4x4 stride-4 stem
     put("downsample_layers_0_1", weight=(dims[0],), bias=(dims[0],))
     for stage, (depth, dim) in enumerate(zip(depths, dims)):
         if stage:
@@ -321,19 +311,29 @@ def architecture_of(layers):
     return tuple(depths), tuple(dims), classes
 
 
-def _keras_state(model):
-    """{layer: {param: variable}} of a model built here, by PyTorch parameter names."""
-    out = {}
-    for layer in model.layers:
-        order = _param_order(layer)
-        if order and layer.weights:
-            out[layer.name] = dict(zip(order, layer.weights))
-    return out
+def stem_channels(layers):
+    """The input channels of a converted checkpoint's stem (3 for every published one)."""
+    return layers["downsample_layers_0_0"]["weight"].shape[2]
+
+
+def adapt_stem(kernel, channels):
+    """A (kh, kw, 3, C) stem kernel for `channels` input channels, by timm's rule (`adapt_input_conv`).
+
+    One channel: the sum over R, G, B (a grey image gives the response of the same grey RGB image);
+    N channels: R, G, B repeated and cut to N, scaled by 3 / N so that the response keeps its size.
+    """
+    have = kernel.shape[2]
+    if channels == have:
+        return kernel
+    if channels == 1:
+        return kernel.sum(axis=2, keepdims=True)
+    repeats = -(-channels // have)
+    return np.concatenate([kernel] * repeats, axis=2)[:, :, :channels] * (have / channels)
 
 
 def assign(model, layers, source, head_init_scale=1.0):
     """Assigns converted tensors to `model`, strictly; returns a list of notes for the user."""
-    target = _keras_state(model)
+    target = variables_by_module(model)
     notes = []
     # Without its top the model has no head (and, with pooling=None, no head norm) to fill.
     unused = {"head", "norm"} - set(target)
@@ -364,6 +364,13 @@ def assign(model, layers, source, head_init_scale=1.0):
             if param not in target[name]:
                 raise CheckpointError(f"{source}: unexpected tensor '{name}.{param}' has no place in the model.")
     assignments = []
+    stem = target["downsample_layers_0_0"]["weight"]
+    have = stem_channels(layers)
+    if stem.shape[2] != have:
+        notes.append(f"adapted the checkpoint's {have}-channel stem to the model's {stem.shape[2]} input channels "
+                     f"(timm's rule: summed for 1, repeated and scaled by {have} / N for N)")
+        layers = {**layers, "downsample_layers_0_0": {**layers["downsample_layers_0_0"], "weight": adapt_stem(
+            np.asarray(layers["downsample_layers_0_0"]["weight"], dtype="float32"), stem.shape[2])}}
     for name, variables in target.items():
         for param, variable in variables.items():
             value = layers.get(name, {}).get(param)
@@ -408,7 +415,7 @@ def _read_keras_file(path, info):
     """{layer: {param: array}} of a `.keras` model built here; notes its head-norm epsilon."""
     source_model = load_keras_model(path)
     slots = _Slots(path)
-    for name, variables in _keras_state(source_model).items():
+    for name, variables in variables_by_module(source_model).items():
         for param, variable in variables.items():
             slots.put(name, param, f"{name}.{param}", np.asarray(variable))
     if "norm" in slots.layers:
@@ -513,8 +520,9 @@ def convert(src, dst, variant=None, preset=None, overwrite=False):
             f"{src}: the checkpoint holds depths {depths} and dims {dims}, not ConvNeXt-{variant}."
         )
     kwargs = {}
-    if preset is not None:
-        kwargs["input_shape"] = (preset.image_size, preset.image_size, 3)
+    if preset is not None or stem_channels(layers) != 3:
+        size = preset.image_size if preset is not None else (224 if classes is not None else None)
+        kwargs["input_shape"] = (size, size, stem_channels(layers))
     model = model_lib.ConvNeXt(depths, dims, weights=None, include_top=classes is not None,
                                classes=classes or 1000, drop_path_rate=0.0, **kwargs)
     assign(model, layers, src)
