@@ -320,10 +320,11 @@ class ConvNeXtBlock(keras.layers.Layer):
 
     def call(self, inputs, training=None):
         x = self.pwconv1(self.norm(self.dwconv(inputs)))
-        if self.gamma is not None:
+        if self.gamma is not None and not (training and self.drop_path is not None):
+            # (with no gradient needed anywhere in the block; a frozen block in training still drops its path)
             fused = self.pwconv2.scale_add(x, self.gamma, inputs)
             if fused is not None:
-                return fused  # inference only: the drop path is the identity there
+                return fused
         x = self.pwconv2(x)
         if self.gamma is not None:
             x = x * ops.cast(self.gamma, x.dtype)

@@ -19,10 +19,10 @@ from keras_convnext.variants import MIN_IMAGE_SIZE, VARIANTS
 POOLINGS = (None, "avg", "max")
 PYRAMID_LEVELS = ("P2", "P3", "P4", "P5")  # strides 4, 8, 16, 32, keras-hub's convention
 MIN_SIZE = MIN_IMAGE_SIZE
+# keras.applications.convnext's own message, then how to switch in code.
 CHANNELS_FIRST = (
-    "ConvNeXt does not support the `channels_first` image data format (its LayerNorms and Dense layers act on "
-    "the last axis). Switch to `channels_last` with keras.config.set_image_data_format('channels_last') or in "
-    "~/.keras/keras.json, and feed (batch, height, width, channels) images."
+    "ConvNeXt does not support the `channels_first` image data format. Switch to `channels_last` by editing "
+    "your local config file at ~/.keras/keras.json (or call keras.config.set_image_data_format('channels_last'))."
 )
 
 
@@ -74,10 +74,10 @@ class ConvNeXtModel(keras.Model):
         variant = variant_of(depths, dims)
         inputs = input_tensor if input_tensor is not None else keras.Input(shape=shape, name="images")
         x = inputs
-        mean = channel_stats(presets_lib.IMAGENET_MEAN if mean is None else mean, shape[-1])
-        std = channel_stats(presets_lib.IMAGENET_STD if std is None else std, shape[-1])
         if include_preprocessing:
-            x = ConvNeXtPreprocessing(mean, std, name="preprocessing")(x)
+            x = ConvNeXtPreprocessing(channel_stats(presets_lib.IMAGENET_MEAN if mean is None else mean, shape[-1]),
+                                      channel_stats(presets_lib.IMAGENET_STD if std is None else std, shape[-1]),
+                                      name="preprocessing")(x)
         for stage, (dim, rates) in enumerate(zip(dims, drop_path_rates(depths, drop_path_rate))):
             x = ConvNeXtStage(dim, rates, layer_scale_init_value, stem=stage == 0,
                               name=names.STAGE.format(stage))(x)
@@ -97,7 +97,9 @@ class ConvNeXtModel(keras.Model):
         self.image_shape = tuple(shape)
         self.classes, self.classifier_activation = classes, classifier_activation
         self.drop_path_rate, self.layer_scale_init_value = drop_path_rate, layer_scale_init_value
-        self.head_init_scale, self.mean, self.std = head_init_scale, mean, std
+        self.head_init_scale = head_init_scale
+        self.mean = None if mean is None else [float(m) for m in mean]
+        self.std = None if std is None else [float(v) for v in std]
 
     @property
     def variant(self):

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 from conftest import TINY
 
+import harness
+
 import keras_convnext as kc
 from keras_convnext.layers import HostConstant, HostTruncatedNormal, StochasticDepth
 
@@ -36,15 +38,38 @@ def test_parameter_count_of_every_variant(variant):
 
 def test_blocks_use_a_real_depthwise_conv_and_official_names():
     model = kc.ConvNeXtAtto(weights=None)
-    layer = model.get_layer("stages_2_5_dwconv")
-    assert isinstance(layer, kc.layers.DepthwiseConv) and layer.kernel_size == 7
-    assert layer.kernel.shape == (7, 7, 160, 1)
-    assert model.get_layer("stages_2_5_pwconv1").kernel.shape == (160, 640)
-    assert model.get_layer("stages_2_5_gamma").gamma.shape == (160,)
-    names = [l.name for l in model.layers]
-    assert names[:4] == ["images", "preprocessing", "downsample_layers_0_0", "downsample_layers_0_1"]
-    assert names[-4:] == ["avg_pool", "norm", "head", "predictions"]
-    assert model.get_layer("stages_0_0_pwconv1").activation.__name__ == "gelu"
+    assert [l.name for l in model.layers] == ["images", "preprocessing", "stages_0", "stages_1", "stages_2", "stages_3",
+                                              "avg_pool", "norm", "head", "predictions"]
+    stage = model.get_layer("stages_2")
+    assert isinstance(stage, kc.ConvNeXtStage) and stage.depth == 6 and not stage.downsample.stem
+    block = stage.blocks[5]
+    assert isinstance(block, kc.ConvNeXtBlock) and block.name == "block_5"
+    assert isinstance(block.dwconv, kc.layers.DepthwiseConv) and block.dwconv.kernel_size == 7
+    assert block.dwconv.kernel.shape == (7, 7, 160, 1)
+    assert block.pwconv1.kernel.shape == (160, 640) and block.pwconv1.activation.__name__ == "gelu"
+    assert block.gamma.shape == (160,) and block.gamma.path == "stages_2/block_5/gamma"
+    assert model.get_layer("stages_0").downsample.stem and model.get_layer("stages_0").downsample.conv.strides == (4, 4)
+
+
+def test_every_variable_maps_to_an_official_key_and_back():
+    from keras_convnext import names
+
+    model = kc.ConvNeXtAtto(weights=None)
+    keys = {v.path: names.official_key(v.path) for v in model.weights + kc.feature_pyramid(model).weights}
+    assert None not in keys.values() and len(set(keys.values())) == len(keys)
+    assert all(names.keras_path(key) == path for path, key in keys.items())
+    assert keys["stages_2/block_5/pwconv1/kernel"] == "stages.2.5.pwconv1.weight"
+    assert keys["stages_0/downsample/conv/kernel"] == "downsample_layers.0.0.weight"  # the stem: conv, then norm
+    assert keys["stages_0/downsample/norm/beta"] == "downsample_layers.0.1.bias"
+    assert keys["stages_1/downsample/norm/gamma"] == "downsample_layers.1.0.weight"  # later: norm, then conv
+    assert keys["stages_3/downsample/conv/bias"] == "downsample_layers.3.1.bias"
+    assert keys["stages_1/block_0/gamma"] == "stages.1.0.gamma"
+    assert keys["norm/gamma"] == "norm.weight" and keys["head/kernel"] == "head.weight"
+    assert keys["norm2/beta"] == "norm2.bias"
+    # A nesting model's prefix is not part of the contract; foreign names are outside it.
+    assert names.official_key("outer/stages_0/block_1/norm/beta") == "stages.0.1.norm.bias"
+    assert names.official_key("stages_0/block_1/pwconv1/gamma") is None
+    assert names.official_key("dense/kernel") is None and names.keras_path("stages.0.0.head.weight") is None
 
 
 @pytest.mark.parametrize(
@@ -65,7 +90,7 @@ def test_flexible_input_size():
 
 def test_pooling_none_returns_the_raw_stage4_map(images):
     model = tiny(include_top=False)
-    assert model.layers[-1].name == "stages_3_0_add"
+    assert model.layers[-1].name == "stages_3"
     assert not any(isinstance(l, keras.layers.LayerNormalization) and l.name == "norm" for l in model.layers)
 
 
@@ -97,8 +122,10 @@ def test_head_init_scale_scales_the_head():
 
 def test_layer_scale_init_value():
     model = tiny(layer_scale_init_value=0.5)
-    np.testing.assert_array_equal(keras.ops.convert_to_numpy(model.get_layer("stages_1_0_gamma").gamma), 0.5)
-    assert not any(isinstance(l, kc.LayerScale) for l in tiny(layer_scale_init_value=None).layers)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(model.get_layer("stages_1").blocks[0].gamma), 0.5)
+    without = tiny(layer_scale_init_value=None)
+    assert without.get_layer("stages_1").blocks[0].gamma is None
+    assert not any(v.path.endswith("/gamma") and "block_" in v.path and "norm" not in v.path for v in without.weights)
 
 
 def test_integer_and_float_pixels_give_the_same_output(images):
@@ -109,20 +136,19 @@ def test_integer_and_float_pixels_give_the_same_output(images):
                                keras.ops.convert_to_numpy(model(images.astype("float32"))), atol=1e-5)
 
 
-def test_preprocessing_layer_matches_preprocess_input(images):
+def test_preprocessing_layer_matches_normalize_pixels(images):
     with_layer = tiny()
     without = tiny(include_preprocessing=False)
-    for layer in without.layers:
-        layer.set_weights(with_layer.get_layer(layer.name).get_weights())
+    without.set_weights(with_layer.get_weights())  # the preprocessing layer holds no variables
     a = keras.ops.convert_to_numpy(with_layer(images))
-    b = keras.ops.convert_to_numpy(without(kc.preprocess_input(images)))
+    b = keras.ops.convert_to_numpy(without(kc.normalize_pixels(images)))
     np.testing.assert_allclose(a, b, atol=1e-6)
     layer = with_layer.get_layer("preprocessing")
-    np.testing.assert_allclose(keras.ops.convert_to_numpy(layer(images)), kc.preprocess_input(images), atol=1e-5)
-    tensor_version = keras.ops.convert_to_numpy(kc.preprocess_input(keras.ops.convert_to_tensor(images)))
-    np.testing.assert_allclose(tensor_version, kc.preprocess_input(images), atol=1e-5)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(layer(images)), kc.normalize_pixels(images), atol=1e-5)
+    tensor_version = keras.ops.convert_to_numpy(kc.normalize_pixels(keras.ops.convert_to_tensor(images)))
+    np.testing.assert_allclose(tensor_version, kc.normalize_pixels(images), atol=1e-5)
     # (255 / 255 - 0.485) / 0.229 for red, channel by channel.
-    np.testing.assert_allclose(kc.preprocess_input(np.full((1, 1, 3), 255)),
+    np.testing.assert_allclose(kc.normalize_pixels(np.full((1, 1, 3), 255)),
                                [[[(1 - 0.485) / 0.229, (1 - 0.456) / 0.224, (1 - 0.406) / 0.225]]], rtol=1e-6)
 
 
@@ -160,12 +186,14 @@ def test_feature_pyramid_refuses_a_foreign_model():
 
 def test_drop_path_rates_follow_the_linear_rule():
     model = kc.ConvNeXtTiny(weights=None, include_top=False)  # default drop_path_rate 0.1, 18 blocks
-    rates = {l.name: l.rate for l in model.layers if isinstance(l, StochasticDepth)}
+    rates = {f"{stage.name}_{j}": block.drop_path.rate for stage in model.stages
+             for j, block in enumerate(stage.blocks) if block.drop_path is not None}
     assert len(rates) == 17  # block 0 has rate 0: no layer
-    assert rates["stages_3_2_drop_path"] == pytest.approx(0.1)
-    assert rates["stages_0_1_drop_path"] == pytest.approx(0.1 * 1 / 17)
-    assert rates["stages_2_0_drop_path"] == pytest.approx(0.1 * 6 / 17)
-    assert kc.ConvNeXtSmall(weights=None, include_top=False).get_layer("stages_3_2_drop_path").rate == pytest.approx(0.4)
+    assert rates["stages_3_2"] == pytest.approx(0.1)
+    assert rates["stages_0_1"] == pytest.approx(0.1 * 1 / 17)
+    assert rates["stages_2_0"] == pytest.approx(0.1 * 6 / 17)
+    small = kc.ConvNeXtSmall(weights=None, include_top=False)
+    assert small.get_layer("stages_3").blocks[2].drop_path.rate == pytest.approx(0.4)
 
 
 def test_stochastic_depth_is_per_sample_and_off_at_inference():
@@ -197,7 +225,7 @@ def test_stochastic_depth_changes_training_outputs_not_inference(images):
 def test_stochastic_depth_trains_under_jit_compiled_fit(images):
     model = tiny(drop_path_rate=0.5, layer_scale_init_value=1.0, classes=3)
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", jit_compile="auto")
-    layer = model.get_layer("stages_3_0_drop_path")
+    layer = model.get_layer("stages_3").blocks[0].drop_path
     before = keras.ops.convert_to_numpy(layer.seed_generator.state).copy()
     x = np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3)).astype("uint8")
     y = np.arange(16) % 3
@@ -217,12 +245,16 @@ def test_keras_round_trip_is_bit_exact_without_custom_objects(tmp_path, images):
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(loaded(images)),
                                   keras.ops.convert_to_numpy(model(images)))
     assert [l.name for l in loaded.layers] == [l.name for l in model.layers]
-    assert isinstance(loaded.get_layer("stages_3_0_drop_path"), StochasticDepth)
+    assert isinstance(loaded.get_layer("stages_3").blocks[0].drop_path, StochasticDepth)
+    assert loaded.get_config() == model.get_config() and loaded.get_config()["drop_path_rate"] == 0.3
 
 
 @pytest.mark.parametrize("layer, config", [
     (kc.ConvNeXtPreprocessing([0.5, 0.4, 0.3], [0.2, 0.2, 0.1]), {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.2, 0.1]}),
-    (kc.LayerScale(0.25), {"init_value": 0.25}),
+    (kc.ConvNeXtBlock(16, 0.1, 0.25), {"dim": 16, "drop_path_rate": 0.1, "layer_scale_init_value": 0.25}),
+    (kc.ConvNeXtDownsample(16, stem=True), {"dim": 16, "stem": True}),
+    (kc.ConvNeXtStage(16, [0.0, 0.1], 0.5), {"dim": 16, "drop_path_rates": [0.0, 0.1], "layer_scale_init_value": 0.5,
+                                             "stem": False}),
     (StochasticDepth(0.2, seed=7), {"rate": 0.2, "seed": 7}),
 ])
 def test_get_config_returns_the_constructor_arguments(layer, config):
@@ -240,9 +272,8 @@ def test_mixed_precision_runs_with_float32_output_close_to_float32(policy, image
     reference = tiny(classifier_activation=None)
     keras.config.set_dtype_policy(policy)
     mixed = tiny(classifier_activation=None)
-    for layer in mixed.layers:
-        layer.set_weights(reference.get_layer(layer.name).get_weights())
-    assert mixed.get_layer("stages_1_0_pwconv1").compute_dtype == policy.split("_")[1]
+    mixed.set_weights(reference.get_weights())
+    assert mixed.get_layer("stages_1").blocks[0].pwconv1.compute_dtype == policy.split("_")[1]
     out = mixed(images)
     assert keras.backend.standardize_dtype(out.dtype) == "float32"
     pooled = kc.ConvNeXt(TINY["depths"], TINY["dims"], weights=None, include_top=False, pooling="avg")(images)
@@ -255,7 +286,7 @@ def test_mixed_precision_runs_with_float32_output_close_to_float32(policy, image
 def test_layernorm_statistics_stay_float32_under_float16():
     keras.config.set_dtype_policy("mixed_float16")
     model = tiny(include_top=False)
-    norm = model.get_layer("stages_1_0_norm")
+    norm = model.get_layer("stages_1").blocks[0].norm
     # Values near 300: their squares overflow float16 (max 65504) if the variance is taken in it.
     x = (300.0 + 200.0 * np.random.default_rng(0).standard_normal((2, 4, 4, 16))).astype("float16")
     out = keras.ops.convert_to_numpy(norm(x)).astype("float32")
@@ -271,7 +302,8 @@ def test_layernorm_statistics_stay_float32_under_float16():
     ({"pooling": "min"}, r"`pooling`.*Received: pooling='min'"),
     ({"pooling": "mean", "include_top": False}, r"`pooling`.*Received: pooling='mean'"),
     ({"input_shape": (16, 64, 3)}, r"at least 32x32.*Received: input_shape=\(16, 64, 3\)"),
-    ({"input_shape": (64, 64, 1)}, r"3 channels.*Received: input_shape=\(64, 64, 1\)"),
+    ({"input_shape": (64, 64, 0)}, r"positive channel count.*Received: input_shape=\(64, 64, 0\)"),
+    ({"input_shape": (64, 64, None)}, r"positive channel count.*Received: input_shape=\(64, 64, None\)"),
     ({"input_shape": (64, 64)}, r"Received: input_shape=\(64, 64\)"),
     ({"classes": 0}, r"`classes`.*Received: classes=0"),
     ({"weights": "imagenet21k"}, r"Unknown `weights`.*convnext_atto.d2_in1k.*Received: weights='imagenet21k'"),
@@ -399,45 +431,41 @@ def test_host_constant_fills_like_kerass_constant():
 
 def test_model_starts_from_the_official_init():
     model = kc.ConvNeXt(**TINY, weights=None, layer_scale_init_value=1e-6)
-    kernel = keras.ops.convert_to_numpy(model.get_layer("stages_3_0_pwconv1").kernel)
+    kernel = keras.ops.convert_to_numpy(model.get_layer("stages_3").blocks[0].pwconv1.kernel)
     assert np.abs(kernel).max() < 0.04 and abs(kernel.std() / 0.02 - 0.8796) < 0.05
     checked = 0
-    for layer in model.layers:
-        for weight in layer.weights:
-            value = keras.ops.convert_to_numpy(weight)
-            if weight.name in ("bias", "beta"):
-                assert not value.any(), weight.path
-            elif isinstance(layer, keras.layers.LayerNormalization):
-                assert weight.name == "gamma" and (value == 1).all(), weight.path
-            elif isinstance(layer, kc.LayerScale):
-                np.testing.assert_allclose(value, 1e-6, err_msg=weight.path)
-            else:
-                continue
-            checked += 1
+    for weight in model.weights:
+        value = keras.ops.convert_to_numpy(weight)
+        if weight.name in ("bias", "beta"):
+            assert not value.any(), weight.path
+        elif weight.path.endswith("norm/gamma"):
+            assert (value == 1).all(), weight.path
+        elif re.fullmatch(r"stages_\d/block_\d/gamma", weight.path):
+            np.testing.assert_allclose(value, 1e-6, err_msg=weight.path)
+        else:
+            continue
+        checked += 1
     # 5 blocks x (3 biases, gamma and beta, scale), 4 x (conv bias, LN) in stem/downsampling, head norm + bias
     assert checked == 6 * 5 + 3 * 4 + 3
 
 
+def scaled_layer_scales(model, seed=4):
+    """Layer scales of order 1: a tail that matters (the init value 1e-6 would hide a wrong one)."""
+    rng = np.random.default_rng(seed)
+    for stage in model.stages:
+        for block in stage.blocks:
+            block.gamma.assign(rng.uniform(0.5, 1.5, block.gamma.shape))
+
+
 @pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
 def test_block_tails_fused_at_inference_give_the_same_numbers(policy, monkeypatch):
-    # Eager PyTorch inference computes pwconv2 -> LayerScale -> Add as one op (backend_ops.dense_scale_add);
-    # every other backend and every gradient-taking call runs the layers one by one.
+    # Eager PyTorch inference computes pwconv2 -> layer scale -> add as one op (backend_ops.dense_scale_add);
+    # every other backend and every gradient-taking call runs the steps one by one.
     from keras_convnext import backend_ops
 
     keras.config.set_dtype_policy(policy)
     model = tiny(drop_path_rate=0.3, include_top=False, pooling="avg", input_shape=(40, 40, 3))
-    rng = np.random.default_rng(4)
-    for layer in model.layers:
-        if isinstance(layer, kc.LayerScale):  # a tail that matters (the init value 1e-6 would hide it)
-            layer.gamma.assign(rng.uniform(0.5, 1.5, layer.gamma.shape))
-    # Blocks with drop path keep their StochasticDepth step: only stage 0's block (rate 0) is fused.
-    assert len(model._block_tails) == 1
-    model = tiny(include_top=False, pooling="avg", input_shape=(40, 40, 3))
-    for layer in model.layers:
-        if isinstance(layer, kc.LayerScale):
-            layer.gamma.assign(rng.uniform(0.5, 1.5, layer.gamma.shape))
-    tails = model._block_tails
-    assert len(tails) == sum(TINY["depths"])
+    scaled_layer_scales(model)
     calls = []
     original = backend_ops.dense_scale_add
 
@@ -450,30 +478,184 @@ def test_block_tails_fused_at_inference_give_the_same_numbers(policy, monkeypatc
     x = np.random.default_rng(0).integers(0, 256, (3, 40, 40, 3)).astype("uint8")
     fused = model.predict(x, verbose=0)
     fused_calls = list(calls)
-    # Step by step: one block at a time through the layers, as a gradient-taking forward runs.
-    step = keras.Model(model.input, model.output)
-    plain = keras.ops.convert_to_numpy(step(x))
+    calls.clear()
+    plain = keras.ops.convert_to_numpy(model(x))  # eager, autograd on (PyTorch): step by step
     tolerance = 1e-5 if policy == "float32" else 0.05
     np.testing.assert_allclose(fused, plain, atol=tolerance * np.abs(plain).max(), rtol=0)
     if keras.backend.backend() == "torch":
         # bfloat16 takes oneDNN only where the CPU has its bfloat16 kernels (backend_ops.onednn_bf16).
         assert fused_calls == [policy == "float32" or backend_ops.onednn_bf16()] * sum(TINY["depths"])
+        assert calls == [False] * sum(TINY["depths"])  # the variables need gradients: the fused op has none
+    else:
+        assert not any(fused_calls + calls)  # no fused form there (under jit, as many calls as traces)
+
+
+def test_fused_tails_give_every_layer_scale_its_gradient():
+    # The pattern that once lost a gradient on PyTorch: everything frozen but the layer scales.
+    model = tiny()
+    scaled_layer_scales(model)
+    harness.freezing_patterns()[1][1](model)
+    trainable = model.trainable_variables
+    assert len(trainable) == sum(TINY["depths"]) and all(v.path.endswith("/gamma") for v in trainable)
+    x = np.random.default_rng(1).integers(0, 256, (2, 32, 32, 3)).astype("float32")
+    grads = backend_gradients(model, x)
+    assert all(np.abs(g).sum() > 0 for g in grads), [v.path for v, g in zip(trainable, grads) if not np.abs(g).sum()]
+
+
+def backend_gradients(model, x):
+    """d(sum of outputs) / d(trainable variables), in each backend's own autodiff."""
+    backend = keras.backend.backend()
+    variables = model.trainable_variables
+    if backend == "torch":
         import torch
 
-        calls.clear()
-        with torch.enable_grad():
-            model(x)
-        assert not any(calls)  # the kernels need gradients: the fused op has none
-    else:
-        assert fused_calls == []  # the tails are only looked for on PyTorch
+        out = model(torch.as_tensor(x)).sum()
+        grads = torch.autograd.grad(out, [v.value for v in variables], allow_unused=True)
+        return [np.zeros(v.shape) if g is None else g.detach().cpu().numpy() for v, g in zip(variables, grads)]
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            out = tf.reduce_sum(model(x))
+        return [g.numpy() for g in tape.gradient(out, variables)]
+    import jax
+
+    trainable = [v.value for v in variables]
+    frozen = [v.value for v in model.non_trainable_variables]
+
+    def loss(trainable):
+        out, _ = model.stateless_call(trainable, frozen, x)
+        return out.sum()
+
+    return [np.asarray(g) for g in jax.grad(loss)(trainable)]
 
 
-def test_fused_tails_keep_a_feature_pyramid_exact(images):
+def test_feature_pyramid_of_a_fused_model_is_exact(images):
     model = tiny(include_top=False, input_shape=(64, 64, 3))
+    scaled_layer_scales(model)
     pyramid = kc.feature_pyramid(model, norm=False)
-    step = keras.Model(pyramid.inputs, pyramid.outputs)
     x = np.random.default_rng(1).integers(0, 256, (2, 64, 64, 3)).astype("uint8")
-    fused, plain = pyramid.predict(x, verbose=0), step.predict(x, verbose=0)  # plain: a list, in key order
-    assert len(plain) == 4
-    for key, level in zip(sorted(fused), plain):
-        np.testing.assert_allclose(fused[key], level, atol=1e-5, err_msg=key)
+    fused = pyramid.predict(x, verbose=0)
+    plain = {k: keras.ops.convert_to_numpy(v) for k, v in pyramid(x).items()}
+    np.testing.assert_allclose(fused["P5"], keras.ops.convert_to_numpy(model(x)), atol=1e-5)
+    for key in fused:
+        np.testing.assert_allclose(fused[key], plain[key], atol=1e-5, err_msg=key)
+
+
+# --- the shared harness: every way Keras composes, freezes and saves a model -----------------------
+
+def tiny_family(**kwargs):
+    """The ConvNeXt V1 family at the harness's size: TINY depths and dims, layer scales of order 1."""
+    kwargs = {"weights": None, "layer_scale_init_value": 0.5, **kwargs}
+    return kc.ConvNeXt(TINY["depths"], TINY["dims"], **kwargs)
+
+
+FAMILIES = {"convnext_v1": (tiny_family, TINY["dims"][-1])}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_harness_shapes(family):
+    build, features = FAMILIES[family]
+    harness.check_shapes(build, features)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_harness_variable_input_size_and_channels(family):
+    build, _ = FAMILIES[family]
+    harness.check_variable_input_size(build)
+    harness.check_input_channels(build)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_harness_composition_sequential_time_distributed(family):
+    harness.check_composition(FAMILIES[family][0])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_harness_clone_model_and_summary(family):
+    harness.check_clone_model(FAMILIES[family][0])
+    harness.check_summary(FAMILIES[family][0])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_harness_keras_round_trip(family, tmp_path):
+    harness.check_keras_round_trip(FAMILIES[family][0], tmp_path)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_harness_mixed_precision(family):
+    harness.check_mixed_precision(FAMILIES[family][0])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("pattern", [name for name, _ in harness.freezing_patterns()])
+def test_harness_gradients_under_partial_freezing(family, pattern):
+    freeze = dict(harness.freezing_patterns())[pattern]
+    harness.check_training_step_under_freezing(FAMILIES[family][0], freeze, pattern)
+
+
+# --- keras.applications' contract: data format, input_tensor, channels ------------------------------
+
+def test_channels_first_is_refused_up_front_with_kerass_message():
+    before = keras.config.image_data_format()
+    keras.config.set_image_data_format("channels_first")
+    try:
+        with pytest.raises(ValueError, match=r"^ConvNeXt does not support the `channels_first` image data format\. "
+                                             r"Switch to `channels_last`.*Received: image_data_format='channels_first'"):
+            kc.ConvNeXtAtto(weights="imagenet")  # refused before any download
+        with pytest.raises(ValueError, match="channels_first"):
+            kc.ConvNeXtModel(TINY["depths"], TINY["dims"])
+    finally:
+        keras.config.set_image_data_format(before)
+
+
+def test_input_tensor_an_input_is_the_models_own_input():
+    inputs = keras.Input((32, 32, 3), name="pixels")
+    model = tiny(input_tensor=inputs)
+    assert model.inputs[0] is inputs and isinstance(model, kc.ConvNeXtModel)
+
+
+def test_input_tensor_from_a_layer_starts_the_model_at_its_source_inputs():
+    # As keras.applications: the layers before the tensor are part of the model.
+    source = keras.Input((32, 32, 3))
+    halved = keras.layers.Rescaling(0.5, name="halve")(source)
+    model = tiny(input_tensor=halved, include_top=False, pooling="avg")
+    assert model.inputs[0] is source and "halve" in [layer.name for layer in model.layers]
+    x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    inner = model.get_layer(model.name)
+    np.testing.assert_allclose(model.predict(x, verbose=0), inner.predict(x * 0.5, verbose=0), atol=1e-5)
+    with pytest.raises(ValueError, match=r"`input_tensor` must be a Keras tensor.*Received: input_tensor=ndarray"):
+        tiny(input_tensor=x)
+
+
+@pytest.mark.parametrize("channels", [1, 2, 4])
+def test_any_channel_count_with_random_weights(channels):
+    # keras.applications' test_application_notop_variable_input_channels, and a top.
+    model = tiny(input_shape=(None, None, channels), include_top=False)
+    assert tuple(model.output.shape) == (None, None, None, TINY["dims"][-1])
+    assert model.get_layer("stages_0").downsample.conv.kernel.shape == (4, 4, channels, TINY["dims"][0])
+    assert len(model.get_layer("preprocessing").mean) == channels
+    out = tiny(input_shape=(32, 32, channels), classes=3).predict(
+        np.random.default_rng(0).uniform(0, 255, (2, 32, 32, channels)), verbose=0)
+    assert out.shape == (2, 3) and np.allclose(out.sum(-1), 1, atol=1e-5)
+
+
+def test_channel_statistics_follow_the_stem_rule():
+    from keras_convnext.model import channel_stats
+
+    assert channel_stats([0.1, 0.2, 0.6], 3) == [0.1, 0.2, 0.6]
+    assert channel_stats([0.1, 0.2, 0.6], 1) == pytest.approx([0.3])
+    assert channel_stats([0.1, 0.2, 0.6], 5) == [0.1, 0.2, 0.6, 0.1, 0.2]
+
+
+def test_config_is_the_constructor_arguments():
+    model = tiny(drop_path_rate=0.2, pooling="max", include_top=False, input_shape=(None, None, 2), name="mine")
+    config = model.get_config()
+    assert config == {
+        "name": "mine", "trainable": True, "depths": list(TINY["depths"]), "dims": list(TINY["dims"]),
+        "include_top": False, "include_preprocessing": True, "input_shape": [None, None, 2], "pooling": "max",
+        "classes": 7, "classifier_activation": "softmax", "drop_path_rate": 0.2, "layer_scale_init_value": 1e-6,
+        "head_init_scale": 1.0, "mean": None, "std": None,
+    }
+    again = kc.ConvNeXtModel.from_config(config)
+    assert again.get_config() == config and again.count_params() == model.count_params()
