@@ -1,10 +1,10 @@
-# The two commands: `make demo` and `make test`. Both build their own virtual environment
-# (.venv, pinned versions from pyproject.toml) on first use.
+# The two commands: `make demo` and `make test` (`make test-fast` leaves out the slow tests). All build
+# their own virtual environment (.venv, pinned versions from pyproject.toml) on first use.
 PY ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BACKENDS := tensorflow jax torch
 
-.PHONY: venv demo test
+.PHONY: venv demo test test-fast
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -19,14 +19,17 @@ demo: venv
 	KERAS_BACKEND=$${KERAS_BACKEND:-torch} TF_CPP_MIN_LOG_LEVEL=3 $(VENV)/bin/keras-convnext demo
 
 # The whole suite, once per backend, the three backends side by side: most of a test's time is
-# single-threaded (tracing, XLA compiles, Python), so on 2 cores this took 37 minutes against ~60 in turn.
-# Each backend's log is printed whole when all are done; `make test BACKENDS=torch` runs one.
+# single-threaded (tracing, XLA compiles, Python), so even on 2 cores this is much faster than in turn
+# (docs/testing.md has the figures).
+# Each backend's log is printed whole when all are done, ending in its 20 slowest tests (the list
+# tests/conftest.py marks slow is checked against them); `make test BACKENDS=torch` runs one.
 TESTS ?= tests
+PYTEST_ARGS ?=
 test: venv
 	@mkdir -p .test-logs; \
 	for b in $(BACKENDS); do \
 		echo "=== KERAS_BACKEND=$$b started $$(date +%T)"; \
-		( KERAS_BACKEND=$$b $(VENV)/bin/python -m pytest -q -p no:cacheprovider $(TESTS) > .test-logs/$$b.log 2>&1; \
+		( KERAS_BACKEND=$$b $(VENV)/bin/python -m pytest -q -p no:cacheprovider --durations=20 $(PYTEST_ARGS) $(TESTS) > .test-logs/$$b.log 2>&1; \
 		  echo $$? > .test-logs/$$b.rc; echo "=== KERAS_BACKEND=$$b finished $$(date +%T)" ) & \
 	done; \
 	wait; status=0; \
@@ -35,3 +38,7 @@ test: venv
 		[ "$$(cat .test-logs/$$b.rc)" = 0 ] || { echo "=== KERAS_BACKEND=$$b FAILED"; status=1; }; \
 	done; \
 	exit $$status
+
+# The same run without the tests marked slow (tests/conftest.py: the digits training, full-size builds).
+test-fast:
+	@$(MAKE) --no-print-directory test PYTEST_ARGS='-m "not slow"'
