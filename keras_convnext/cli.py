@@ -1,10 +1,18 @@
-"""The `keras-convnext` command line. Commands parse arguments and call the library."""
+"""The `keras-convnext` command line. Commands parse arguments and call the library.
+
+The parser is built from keras-free modules only: `--help` and a bad argument answer before any
+framework is imported (`_import_frameworks_quietly` runs once the arguments are good).
+"""
 
 import argparse
 import json
 import sys
 
-VARIANT_NAMES = ("atto", "femto", "pico", "nano", "tiny", "small", "base", "large", "xlarge")
+from keras_convnext.variants import VARIANTS
+
+VARIANT_NAMES = tuple(VARIANTS)
+# The names of recipes.RECIPES, which imports Keras (tests/test_cli.py checks that the two agree).
+RECIPE_NAMES = ("in1k", "in22k", "in22k_ft_in1k", "ft_384", "finetune")
 
 
 def _cmd_demo(args):
@@ -159,7 +167,7 @@ def build_parser():
                                    "OUT/classes.json; an interrupted run resumes from OUT/backup.")
     p.add_argument("data", metavar="DATA_DIR", help="folder with one sub-folder of images per class, or a TFDS name")
     p.add_argument("--variant", default="atto", choices=VARIANT_NAMES)
-    p.add_argument("--recipe", default="finetune", help="in1k, in22k, in22k_ft_in1k, ft_384 or finetune")
+    p.add_argument("--recipe", default="finetune", choices=RECIPE_NAMES)
     p.add_argument("--preset", help="weights to start from: preset name, 'imagenet' or a checkpoint file "
                                     "(default: the recipe's)")
     p.add_argument("--image-size", type=int)
@@ -226,12 +234,12 @@ def one_line(error):
     return lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
 
 
-# Commands whose work runs through tf.data, whatever the backend.
-_NEEDS_TENSORFLOW = ("train", "demo")
+# Commands whose work runs through tf.data, whatever the backend (`demo` fits NumPy arrays: no tf.data).
+_NEEDS_TENSORFLOW = ("train",)
 
 
 def _import_frameworks_quietly(command):
-    """Imports Keras (and TensorFlow where the command needs it) with the process's stderr set aside.
+    """Loads keras_convnext (Keras, its backend; TensorFlow where the command needs it) with stderr set aside.
 
     TensorFlow's C++ start-up prints lines ("oneDNN custom operations are on", "Could not find cuda
     drivers") before its logging reads TF_CPP_MIN_LOG_LEVEL, so no setting hides them: they would
@@ -241,18 +249,19 @@ def _import_frameworks_quietly(command):
     import os
     import tempfile
 
+    import keras_convnext
+
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    wanted = ["keras"]
     backend = os.environ.get("KERAS_BACKEND", "tensorflow")
-    if (backend == "tensorflow" or command in _NEEDS_TENSORFLOW) and importlib.util.find_spec("tensorflow"):
-        wanted.append("tensorflow")
+    tensorflow = (backend == "tensorflow" or command in _NEEDS_TENSORFLOW) and importlib.util.find_spec("tensorflow")
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as log:
         os.dup2(log.fileno(), 2)
         try:
-            for name in wanted:
-                importlib.import_module(name)
+            keras_convnext._load()  # registers the layers before any `.keras` file is read
+            if tensorflow:
+                importlib.import_module("tensorflow")
         except BaseException:
             os.dup2(saved, 2)
             log.seek(0)

@@ -3,7 +3,8 @@
 import keras
 from keras import ops
 
-from keras_convnext import checks
+# backend_ops first: on JAX it sets XLA's CPU schedule before JAX starts.
+from keras_convnext import backend_ops, checks
 from keras_convnext.variants import MIN_IMAGE_SIZE
 
 PACKAGE = "keras_convnext"
@@ -184,8 +185,6 @@ class DepthwiseConv(keras.layers.Layer):
         self.bias = self.add_weight(name="bias", shape=(channels,), initializer=HostConstant(0.0))
 
     def call(self, inputs):
-        from keras_convnext import backend_ops
-
         return backend_ops.depthwise_conv_same(inputs, self.kernel, self.bias)
 
     def compute_output_shape(self, input_shape):
@@ -213,8 +212,6 @@ class PointwiseDense(keras.layers.Dense):
         return self.bias is not None and not self.lora_enabled and self.quantization_mode is None
 
     def call(self, inputs, training=None):
-        from keras_convnext import backend_ops
-
         gelu = self.activation is keras.activations.gelu
         if not self._plain() or not (gelu or self.activation is keras.activations.linear):
             return super().call(inputs, training=training)
@@ -226,8 +223,6 @@ class PointwiseDense(keras.layers.Dense):
         `ConvNeXtBlock` uses it for its pwconv2 -> layer scale -> residual add at inference; the
         backend form runs only on concrete tensors none of which needs a gradient.
         """
-        from keras_convnext import backend_ops
-
         if (not self._plain() or self.activation is not keras.activations.linear
                 or keras.backend.standardize_dtype(inputs.dtype) != self.compute_dtype):
             return None
@@ -244,8 +239,6 @@ class LayerNorm(keras.layers.LayerNormalization):
     """
 
     def call(self, inputs):
-        from keras_convnext import backend_ops
-
         if self.axis not in (-1, [-1], len(inputs.shape) - 1, [len(inputs.shape) - 1]) or not (
                 self.center and self.scale) or self.rms_scaling:
             return super().call(inputs)
