@@ -398,3 +398,52 @@ def layer_norm(x, gamma, beta, epsilon, formulation=None):
     """LayerNorm over the last axis, computed in at least float32, returned in x's dtype."""
     name = formulation or own_or_keras(LAYER_NORM_FORMULATIONS)[0]
     return LAYER_NORM_FORMULATIONS[name](x, gamma, beta, epsilon)
+
+
+# ---- training and export: what differs per backend outside the model's maths ------------------
+
+def optimizer_views(variable, backend=BACKEND):
+    """The objects an optimizer's `update_step` may receive for the Keras `variable`.
+
+    Keras's TensorFlow optimizer hands `update_step` the tf.Variable inside (`variable.value`,
+    for tf.distribute); JAX's and PyTorch's hand it the Keras variable itself.
+    """
+    return (variable, variable.value) if backend == "tensorflow" else (variable,)
+
+
+def data_parallel_available(backend=BACKEND):
+    """Whether `keras.distribution.DataParallel` trains on this backend (JAX's alone implements it)."""
+    return backend == "jax"
+
+
+if BACKEND == "torch":
+    import torch
+
+    class InferenceModule(torch.nn.Module):
+        """A Keras model (a torch Module on this backend) called with training=False: what ONNX export traces."""
+
+        def __init__(self, keras_model):
+            super().__init__()
+            self.keras_model = keras_model
+
+        def forward(self, images):
+            return self.keras_model(images, training=False)
+
+
+def export_onnx(model, path, size):
+    """Writes `model` (pixels (N, size, size, 3) -> probabilities) as ONNX with a dynamic batch; torch backend.
+
+    The dynamo exporter keeps LayerNorm as one `LayerNormalization` op (opset 18).
+    """
+    if BACKEND != "torch":
+        raise ValueError(f"ONNX export runs on the torch backend. Received: backend={BACKEND!r}")
+    import numpy as np
+
+    sample = torch.from_numpy(np.zeros((2, size, size, 3), "float32"))
+    program = torch.onnx.export(
+        InferenceModule(model), (sample,), input_names=["images"], output_names=["probabilities"],
+        dynamic_shapes={"images": {0: torch.export.Dim("batch")}}, opset_version=18, dynamo=True,
+        verbose=False,
+    )
+    program.optimize()
+    program.save(path)

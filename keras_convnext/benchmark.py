@@ -78,7 +78,8 @@ def _time_keras(spec):
         keras.config.set_dtype_policy(spec.precision)
     shape = (spec.image_size, spec.image_size, 3)
     if spec.impl == "keras_convnext":
-        from keras_convnext.model import VARIANTS, ConvNeXt
+        from keras_convnext.model import ConvNeXt
+        from keras_convnext.variants import VARIANTS
 
         v = VARIANTS[spec.variant]
         model = ConvNeXt(v.depths, v.dims, weights=None, input_shape=shape,

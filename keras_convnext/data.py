@@ -12,6 +12,7 @@ import math
 import os
 import warnings
 
+import keras
 import numpy as np
 
 from keras_convnext.preprocessing import (
@@ -88,8 +89,6 @@ def check_images(paths, labels, class_names, skip_bad_images=False, verbose=1, d
     paths, labels = list(paths), list(labels)
     progress = None
     if verbose and len(paths) > PROGRESS_MIN_FILES:
-        import keras
-
         print(f"Reading {len(paths)} images once, to find any that cannot be read", flush=True)
         progress = keras.utils.Progbar(len(paths), verbose=verbose, unit_name="image")
     reasons = []
@@ -434,118 +433,130 @@ def resize_crop(image, image_size, crop_pct=0.875, squash=False):
     return tf.ensure_shape(resized[top:top + image_size, left:left + image_size, :], [image_size, image_size, 3])
 
 
-def _per_image_equalization():
-    import keras
-
-    class PerImageEqualization(keras.layers.Equalization):
-        """Histogram equalization with one histogram per image and channel, by PIL's rule.
-
-        Written here because Keras's `Equalization` pools each channel's histogram over the whole
-        batch (PIL's `ImageOps.equalize`, which timm's RandAugment applies, is per image), and on
-        the JAX backend it builds the histogram as a 256-step Python loop even inside tf.data:
-        36 s of graph tracing per pipeline and a slower iterator every epoch. Here the histograms
-        are one segment sum over (image, channel, level) ids, which every backend runs as-is.
-        """
-
-        def transform_images(self, images, transformation=None, training=True):
-            if not training:
-                return images
-            b = self.backend
-            x = b.cast(images, "float32")
-            scaled = tuple(self.value_range) != (0, 255)
-            if scaled:
-                x = self._scale_values(x, self.value_range, (0, 255))
-            shape = b.core.shape(x)
-            n, h, w, c = shape[0], shape[1], shape[2], shape[3]
-            rows = n * c
-            levels = b.numpy.clip(b.cast(x, "int32"), 0, 255)
-            levels = b.numpy.reshape(b.numpy.transpose(levels, (0, 3, 1, 2)), (rows, h * w))
-            ids = b.numpy.reshape(levels + b.numpy.expand_dims(b.numpy.arange(rows, dtype="int32") * 256, 1), (-1,))
-            hist = b.math.segment_sum(b.numpy.ones_like(ids), ids, num_segments=rows * 256)
-            hist = b.numpy.reshape(hist, (rows, 256))
-            # PIL: step = (pixels - count of the highest occupied level) // 255; no step, no change;
-            # else lut[i] = (step // 2 + pixels below level i) // step.
-            occupied = b.cast(hist > 0, "int32")
-            top = 255 - b.numpy.argmax(b.numpy.flip(occupied, axis=1), axis=1)
-            top_count = b.numpy.squeeze(b.numpy.take_along_axis(hist, b.numpy.expand_dims(top, 1), axis=1), 1)
-            step = (b.numpy.sum(hist, axis=1) - top_count) // 255
-            below = b.numpy.cumsum(hist, axis=1) - hist
-            safe = b.numpy.expand_dims(b.numpy.maximum(step, 1), 1)
-            lut = b.numpy.minimum((b.numpy.expand_dims(step // 2, 1) + below) // safe, 255)
-            identity = b.numpy.expand_dims(b.numpy.arange(256, dtype=lut.dtype), 0)
-            lut = b.numpy.where(b.numpy.expand_dims(step, 1) > 0, lut, identity)
-            out = b.numpy.take_along_axis(lut, levels, axis=1)
-            out = b.numpy.transpose(b.numpy.reshape(out, (n, c, h, w)), (0, 2, 3, 1))
-            out = b.cast(out, "float32")
-            if scaled:
-                out = self._scale_values(out, (0, 255), self.value_range)
-            return b.cast(out, self.compute_dtype)
-
-    return PerImageEqualization
+def _rescale(values, source, target):
+    """Values in the `source` range -> the same positions in the `target` range (linear)."""
+    scale = (target[1] - target[0]) / (source[1] - source[0])
+    return values * scale + (target[0] - source[0] * scale)
 
 
-def _per_image_rand_augment():
-    import keras
+@keras.saving.register_keras_serializable(package="keras_convnext")
+class PerImageEqualization(keras.layers.Equalization):
+    """Histogram equalization with one histogram per image and channel, by PIL's rule.
 
-    class PerImageRandAugment(keras.layers.RandAugment):
-        """Keras's `RandAugment`, choosing the operations per image rather than per batch.
+    Written here because Keras's `Equalization` pools each channel's histogram over the whole
+    batch (PIL's `ImageOps.equalize`, which timm's RandAugment applies, is per image), and on
+    the JAX backend it builds the histogram as a 256-step Python loop even inside tf.data:
+    36 s of graph tracing per pipeline and a slower iterator every epoch. Here the histograms
+    are one segment sum over (image, channel, level) ids, which every backend runs as-is.
+    """
 
-        Keras computes every operation on the whole batch and keeps the chosen ones, drawing one
-        choice per call: a batch would share its operations. Drawing the choice per image costs
-        nothing more and restores the paper's per-image policy. (Running each operation only on
-        the images that chose it measured 3.5x slower in tf.data: the gathers and conditionals
-        cost more than the small images.)
-        """
+    def transform_images(self, images, transformation=None, training=True):
+        if not training:
+            return images
+        b = self.backend
+        x = b.cast(images, "float32")
+        scaled = tuple(self.value_range) != (0, 255)
+        if scaled:
+            x = _rescale(x, self.value_range, (0, 255))
+        shape = b.core.shape(x)
+        n, h, w, c = shape[0], shape[1], shape[2], shape[3]
+        rows = n * c
+        levels = b.numpy.clip(b.cast(x, "int32"), 0, 255)
+        levels = b.numpy.reshape(b.numpy.transpose(levels, (0, 3, 1, 2)), (rows, h * w))
+        ids = b.numpy.reshape(levels + b.numpy.expand_dims(b.numpy.arange(rows, dtype="int32") * 256, 1), (-1,))
+        hist = b.math.segment_sum(b.numpy.ones_like(ids), ids, num_segments=rows * 256)
+        hist = b.numpy.reshape(hist, (rows, 256))
+        # PIL: step = (pixels - count of the highest occupied level) // 255; no step, no change;
+        # else lut[i] = (step // 2 + pixels below level i) // step.
+        occupied = b.cast(hist > 0, "int32")
+        top = 255 - b.numpy.argmax(b.numpy.flip(occupied, axis=1), axis=1)
+        top_count = b.numpy.squeeze(b.numpy.take_along_axis(hist, b.numpy.expand_dims(top, 1), axis=1), 1)
+        step = (b.numpy.sum(hist, axis=1) - top_count) // 255
+        below = b.numpy.cumsum(hist, axis=1) - hist
+        safe = b.numpy.expand_dims(b.numpy.maximum(step, 1), 1)
+        lut = b.numpy.minimum((b.numpy.expand_dims(step // 2, 1) + below) // safe, 255)
+        identity = b.numpy.expand_dims(b.numpy.arange(256, dtype=lut.dtype), 0)
+        lut = b.numpy.where(b.numpy.expand_dims(step, 1) > 0, lut, identity)
+        out = b.numpy.take_along_axis(lut, levels, axis=1)
+        out = b.numpy.transpose(b.numpy.reshape(out, (n, c, h, w)), (0, 2, 3, 1))
+        out = b.cast(out, "float32")
+        if scaled:
+            out = _rescale(out, (0, 255), self.value_range)
+        return b.cast(out, self.compute_dtype)
 
-        def get_random_transformation(self, data, training=True, seed=None):
-            transformation = super().get_random_transformation(data, training, seed)
-            images = data["images"] if isinstance(data, dict) else data
-            if transformation is None or len(images.shape) != 4:
-                return transformation
-            batch = self.backend.shape(images)[0]
-            transformation["layer_idxes"] = self.backend.random.randint(
-                (self.num_ops, batch), 0, len(self._AUGMENT_LAYERS),
-                seed=self._get_seed_generator(self.backend._backend),
-            )
-            return transformation
 
-        def transform_images(self, images, transformation, training=True):
-            if not training or len(images.shape) != 4:
-                return super().transform_images(images, transformation, training)
-            images = self.backend.cast(images, self.compute_dtype)
-            for i in range(self.num_ops):
-                chosen = transformation["layer_idxes"][i][:, None, None, None]
-                for idx, (key, value) in enumerate(transformation["transforms"].items()):
-                    out = getattr(self, key).transform_images(images, value)
-                    images = self.backend.numpy.where(chosen == idx, out, images)
-            return self.backend.cast(images, self.compute_dtype)
-
-    return PerImageRandAugment
-
-
-def rand_augment(magnitude=9, num_ops=2, seed=None):
+@keras.saving.register_keras_serializable(package="keras_convnext")
+class PerImageRandAugment(keras.layers.RandAugment):
     """RandAugment (Keras's, per image) with its operations at timm's strengths for `magnitude` of 10.
 
     Keras scales every operation by one `factor` (0.9 would rotate by up to 324 degrees); timm's
     m9 rotates by up to 27 degrees, shears 0.27, translates 45% of the side. The geometric and
     brightness operations are rebuilt at those strengths; the others keep Keras's factor
     semantics at 0.9 * m / 10. Keras draws each strength uniformly up to the magnitude, which
-    plays the part of timm's magnitude noise (mstd).
-    """
-    import keras
+    plays the part of timm's magnitude noise (mstd). Equalization is `PerImageEqualization`.
 
-    m = magnitude / 10.0
-    layer = _per_image_rand_augment()(value_range=(0, 255), num_ops=num_ops, factor=min(0.9 * m, 1.0),
-                                      interpolation="bilinear", seed=seed)
-    layer.random_rotation = keras.layers.RandomRotation(30.0 * m / 360.0, fill_mode="constant",
-                                                        fill_value=128.0, seed=seed)
-    layer.random_shear = keras.layers.RandomShear(x_factor=0.3 * m, y_factor=0.3 * m, fill_mode="constant",
-                                                  fill_value=128.0, seed=seed)
-    layer.random_translation = keras.layers.RandomTranslation(0.45 * m, 0.45 * m, fill_mode="constant",
-                                                              fill_value=128.0, seed=seed)
-    layer.random_brightness = keras.layers.RandomBrightness(0.45 * m, value_range=(0, 255), seed=seed)
-    layer.equalization = _per_image_equalization()(value_range=(0, 255))
-    return layer
+    Keras computes every operation on the whole batch and keeps the chosen ones, drawing one
+    choice per call: a batch would share its operations. Drawing the choice per image costs
+    nothing more and restores the paper's per-image policy. (Running each operation only on
+    the images that chose it measured 3.5x slower in tf.data: the gathers and conditionals
+    cost more than the small images.)
+
+    Args:
+        magnitude: timm's magnitude, 0 to 10 (9 in the paper's rand-m9-mstd0.5).
+        num_ops: operations applied to each image, one after the other.
+        seed: seeds every random draw.
+    """
+
+    def __init__(self, magnitude=9, num_ops=2, seed=None, **kwargs):
+        m = magnitude / 10.0
+        super().__init__(value_range=(0, 255), num_ops=num_ops, factor=min(0.9 * m, 1.0),
+                         interpolation="bilinear", seed=seed, **kwargs)
+        self.magnitude = magnitude
+        grey = dict(fill_mode="constant", fill_value=128.0, seed=seed)
+        self.random_rotation = keras.layers.RandomRotation(30.0 * m / 360.0, **grey)
+        self.random_shear = keras.layers.RandomShear(x_factor=0.3 * m, y_factor=0.3 * m, **grey)
+        self.random_translation = keras.layers.RandomTranslation(0.45 * m, 0.45 * m, **grey)
+        self.random_brightness = keras.layers.RandomBrightness(0.45 * m, value_range=(0, 255), seed=seed)
+        self.equalization = PerImageEqualization(value_range=(0, 255))
+        # The per-image choices need draws of their own, seeded and valid inside tf.data on any
+        # backend: RandomBrightness on black 1x1 images in [0, 1] returns one uniform [0, 1) per image.
+        self.chooser = keras.layers.RandomBrightness((0.0, 1.0), value_range=(0.0, 1.0),
+                                                     seed=None if seed is None else seed + 1)
+
+    def get_random_transformation(self, data, training=True, seed=None):
+        transformation = super().get_random_transformation(data, training, seed)
+        images = data["images"] if isinstance(data, dict) else data
+        if transformation is None or len(images.shape) != 4:
+            return transformation
+        b = self.backend
+        batch = b.shape(images)[0]
+        count = len(transformation["transforms"])  # the operations, in the order transform_images takes them
+        uniform = self.chooser(b.numpy.zeros((self.num_ops * batch, 1, 1, 1)), training=True)
+        chosen = b.numpy.minimum(b.cast(b.numpy.floor(uniform * count), "int32"), count - 1)
+        transformation["layer_idxes"] = b.numpy.reshape(chosen, (self.num_ops, batch))
+        return transformation
+
+    def transform_images(self, images, transformation, training=True):
+        if not training or len(images.shape) != 4:
+            return super().transform_images(images, transformation, training)
+        images = self.backend.cast(images, self.compute_dtype)
+        for i in range(self.num_ops):
+            chosen = transformation["layer_idxes"][i][:, None, None, None]
+            for idx, (key, value) in enumerate(transformation["transforms"].items()):
+                out = getattr(self, key).transform_images(images, value)
+                images = self.backend.numpy.where(chosen == idx, out, images)
+        return self.backend.cast(images, self.compute_dtype)
+
+    def get_config(self):
+        config = super().get_config()
+        for fixed in ("value_range", "factor", "interpolation"):  # set from the magnitude
+            config.pop(fixed, None)
+        return {**config, "magnitude": self.magnitude}
+
+
+def rand_augment(magnitude=9, num_ops=2, seed=None):
+    """`PerImageRandAugment`: RandAugment per image, at timm's strengths for `magnitude` of 10."""
+    return PerImageRandAugment(magnitude, num_ops=num_ops, seed=seed)
 
 
 def train_dataset(source, recipe, num_classes, image_size=None, batch_size=None, seed=0,
@@ -559,7 +570,6 @@ def train_dataset(source, recipe, num_classes, image_size=None, batch_size=None,
     Args:
         source: (paths, labels) from `image_folder`, or a tf.data dataset of (image, label).
     """
-    import keras
     import tensorflow as tf
 
     size = image_size or recipe.image_size
@@ -609,7 +619,6 @@ def train_dataset(source, recipe, num_classes, image_size=None, batch_size=None,
 
 def batch_mixer(recipe, seed=None):
     """(images, one-hot labels) -> the same, mixed by Mixup or CutMix; None when both are off."""
-    import keras
     import tensorflow as tf
 
     mixup = keras.layers.MixUp(alpha=recipe.mixup, seed=seed) if recipe.mixup else None

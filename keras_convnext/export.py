@@ -1,9 +1,9 @@
 """Export to TF Serving (SavedModel), ONNX and LiteRT, from a model of any backend.
 
-SavedModel and LiteRT are written by the TensorFlow backend, ONNX by the torch backend (its
-exporter keeps LayerNorm as one `LayerNormalization` op). A model built on another backend is saved
-to a temporary `.keras` file and exported in a child process running the right backend, so the user
-never switches backends by hand.
+SavedModel and LiteRT are written by the TensorFlow backend, ONNX by the torch backend
+(`backend_ops.export_onnx`: its exporter keeps LayerNorm as one `LayerNormalization` op). A model
+built on another backend is saved to a temporary `.keras` file and exported in a child process
+running the right backend, so the user never switches backends by hand.
 
 Every output is written aside (`files.atomic_path`) and renamed into place by the process that was
 asked, only once the export is complete. A child writes only into the temporary output and work
@@ -17,11 +17,10 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
-from keras_convnext import checks, files
+from keras_convnext import backend_ops, checks, files
 from keras_convnext.variants import MIN_IMAGE_SIZE
 
 FORMATS = ("saved_model", "onnx", "litert")
@@ -93,6 +92,7 @@ def _load_model(model):
         return ConvNeXt(v.depths, v.dims, weights=preset.name, classes=preset.classes), preset
     if not os.path.isfile(model):
         raise ValueError(f"No .keras file or preset of that name. Received: model={model!r}")
+    import keras_convnext.model  # noqa: F401  (registers ConvNeXtModel and its layers with the .keras loader)
     from keras_convnext.checkpoints import CheckpointError
     from keras_convnext.weights import load_keras_model
 
@@ -149,31 +149,9 @@ def _write(model, out, format, size, crop_pct, scratch):
     if format == "saved_model":
         _archive(model, size, crop_pct, with_bytes=True).write_out(out, verbose=False)
     elif format == "onnx":
-        _write_onnx(model, out, size)
+        backend_ops.export_onnx(model, out, size)
     else:
         _write_litert(model, out, size, scratch)
-
-
-def _write_onnx(model, path, size):
-    import numpy as np
-    import torch
-
-    class Classifier(torch.nn.Module):
-        def __init__(self, keras_model):
-            super().__init__()
-            self.keras_model = keras_model
-
-        def forward(self, images):
-            return self.keras_model(images, training=False)
-
-    sample = torch.from_numpy(np.zeros((2, size, size, 3), "float32"))
-    program = torch.onnx.export(
-        Classifier(model), (sample,), input_names=["images"], output_names=["probabilities"],
-        dynamic_shapes={"images": {0: torch.export.Dim("batch")}}, opset_version=18, dynamo=True,
-        verbose=False,
-    )
-    program.optimize()
-    program.save(path)
 
 
 def _write_litert(model, path, size, scratch):
@@ -239,7 +217,7 @@ def export(model, path, format="saved_model", version=1, image_size=None, crop_p
 def _scratch(out):
     """A work folder beside the output, named for this process so that `files.clean_leftovers` removes it
     if the process is killed."""
-    return tempfile.TemporaryDirectory(dir=os.path.dirname(out), prefix=files.partial_name("work"))
+    return files.work_folder(os.path.dirname(out))
 
 
 def _write_in_child(model, out, format, size, crop_pct, scratch, backend):

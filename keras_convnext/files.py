@@ -136,6 +136,14 @@ def _replace_dir(new, target):
         shutil.rmtree(old, ignore_errors=True)
 
 
+def work_folder(folder, tag="work"):
+    """A context manager: a private temporary folder in `folder`, removed when the block ends.
+
+    Named for this process (`partial_name`), so that `clean_leftovers` removes it if the process is killed.
+    """
+    return tempfile.TemporaryDirectory(dir=folder, prefix=partial_name(tag))
+
+
 @contextlib.contextmanager
 def atomic_open(path, mode="w", **kwargs):
     """`open()` a temporary file beside `path`; it becomes `path` only when the block ends without error."""

@@ -16,10 +16,8 @@ import re
 import keras
 from keras import ops
 
-from keras_convnext import checks, names
+from keras_convnext import backend_ops, checks, names
 from keras_convnext.variants import MIN_IMAGE_SIZE, VARIANTS
-
-_TORCH = keras.backend.backend() == "torch"
 
 # The official from-scratch run: 300 epochs of ceil(1,281,167 / 4096) = 313 steps. EMA 0.9999
 # averages over ~1/(1 - 0.9999) = 10,000 steps, ~11% of it; shorter runs keep that fraction.
@@ -290,29 +288,40 @@ def layer_group(path, num_groups=NUM_LAYER_GROUPS):
 
 
 @keras.saving.register_keras_serializable(package="keras_convnext")
-class AdamWLayerDecay(keras.optimizers.AdamW):
+class AdamWLayerDecay(keras.optimizers.Adam):
     """AdamW with per-variable learning rates (layer-wise decay) and ConvNeXt's decay exclusions.
 
     Keras 3 optimizers take one learning rate for all variables, and Adam is invariant to gradient
     scaling, so layer decay has to scale the learning rate inside the update. A variable in group
     g (`layer_group`) learns at `lr * layer_decay ** (num_groups + 1 - g)`; the head at `lr`.
     Decoupled weight decay uses the same scaled rate, as PyTorch's per-group AdamW does. 1-D
-    variables (biases, norms, layer scales) get no weight decay, as in the official recipe.
+    variables (biases, norms, layer scales) get no weight decay, as in the official recipe, nor
+    do those passed to `exclude_from_weight_decay`.
+
+    Written on Keras's public hooks only (`build`, `update_step`, `exclude_from_weight_decay`,
+    `finalize_variable_values`, `get_config`): Keras's own weight-decay pass runs every variable at
+    the global rate, so it is off (`weight_decay=None` to Adam) and `update_step` decays each
+    variable at its own rate just before its Adam step, as AdamW would (`variable -= variable *
+    weight_decay * lr`, the Adam step not reading the variable). The EMA is Keras's (`use_ema`).
 
     Args:
+        weight_decay: the decoupled weight decay (`decoupled_weight_decay`), a float >= 0.
         layer_decay: decay per group (0.8 for 22k -> 1k fine-tuning); None or 1.0: off.
         num_groups: number of block groups (12 in the official code).
-        Other arguments as `keras.optimizers.AdamW`.
+        Other arguments as `keras.optimizers.Adam`.
     """
 
     def __init__(self, learning_rate=1e-3, weight_decay=0.05, layer_decay=None,
                  num_groups=NUM_LAYER_GROUPS, **kwargs):
-        super().__init__(learning_rate=learning_rate, weight_decay=weight_decay, **kwargs)
+        checks.number("weight_decay", weight_decay, 0.0)
         if layer_decay is not None:
             checks.number("layer_decay", layer_decay, 0.0, 1.0, low_open=True)
+        super().__init__(learning_rate=learning_rate, weight_decay=None, **kwargs)
+        self.decoupled_weight_decay = float(weight_decay)
         self.layer_decay = layer_decay
         self.num_groups = checks.integer("num_groups", num_groups, minimum=1)
-        self._lr_scales = []
+        self.no_decay_ids, self.no_decay_names = set(), None
+        self.variable_paths, self.lr_scales, self.decays, self.index_of = [], [], [], {}
 
     def lr_scale(self, variable):
         """The multiplier of the learning rate for `variable` (1.0 without layer decay)."""
@@ -321,111 +330,59 @@ class AdamWLayerDecay(keras.optimizers.AdamW):
         group = layer_group(variable.path, self.num_groups)
         return float(self.layer_decay ** (self.num_groups + 1 - group))
 
+    def exclude_from_weight_decay(self, var_list=None, var_names=None):
+        """Exclude variables (or those whose name matches one of `var_names`) from weight decay; before `build`."""
+        if self.built:  # the exclusions are read once, by build (Keras's own check looks for `_built`)
+            raise ValueError("`exclude_from_weight_decay()` must be called before the optimizer is built. "
+                             f"Received: {len(var_list or ())} variables, var_names={var_names!r}, after build")
+        super().exclude_from_weight_decay(var_list=var_list, var_names=var_names)
+        self.no_decay_ids = {id(v) for v in var_list or ()}
+        self.no_decay_names = re.compile("|".join(var_names)) if var_names else None
+
+    def uses_weight_decay(self, variable):
+        """Whether `variable` is decayed: a weight decay is set, and it is neither 1-D nor excluded."""
+        if not self.decoupled_weight_decay or len(variable.shape) <= 1 or id(variable) in self.no_decay_ids:
+            return False
+        return self.no_decay_names is None or self.no_decay_names.search(variable.name) is None
+
     def build(self, var_list):
         if self.built:
             return
-        self.exclude_from_weight_decay(var_list=[v for v in var_list if len(v.shape) <= 1])
         super().build(var_list)
-        self._lr_scales = [self.lr_scale(v) for v in var_list]
+        self.variable_paths = [v.path for v in var_list]
+        self.lr_scales = [self.lr_scale(v) for v in var_list]
+        self.decays = [self.uses_weight_decay(v) for v in var_list]
+        # update_step receives a variable as the backend's optimizer passes it (backend_ops.optimizer_views).
+        self.index_of = {id(view): i for i, v in enumerate(var_list) for view in backend_ops.optimizer_views(v)}
 
     def learning_rates(self):
         """{variable path: its current learning rate}, after `build` (what `fit` applies)."""
         lr = float(ops.convert_to_numpy(self.learning_rate))
-        return {v.path: lr * s for v, s in zip(self._trainable_variables, self._lr_scales)}
-
-    def _scale_of(self, variable):
-        return self._lr_scales[self._get_variable_index(variable)]
+        return {path: lr * s for path, s in zip(self.variable_paths, self.lr_scales)}
 
     def update_step(self, gradient, variable, learning_rate):
-        scale = self._scale_of(variable)
-        if scale != 1.0:
-            learning_rate = ops.multiply(ops.cast(learning_rate, variable.dtype), scale)
+        i = self.index_of[id(variable)]
+        learning_rate = ops.cast(learning_rate, variable.dtype)
+        if self.lr_scales[i] != 1.0:
+            learning_rate = ops.multiply(learning_rate, self.lr_scales[i])
+        if self.decays[i]:
+            # Decoupled, at the variable's own rate; AdamW decays first (Optimizer._apply_weight_decay).
+            wd = ops.cast(self.decoupled_weight_decay, variable.dtype)
+            self.assign_sub(variable, ops.multiply(variable, ops.multiply(wd, learning_rate)))
         super().update_step(gradient, variable, learning_rate)
 
-    def _apply_weight_decay(self, variables):
-        # Replaces the backends' versions, which decay every variable at the global rate.
-        if self.weight_decay is None:
-            return
-        decayed = [v for v in variables if self._use_weight_decay(v)]
-        if not decayed:
-            return
-        lr = self.learning_rate  # the schedule's value, computed once (it is a graph of its own)
-        if _TORCH:
-            import torch
-
-            with torch.no_grad():
-                for scale, group in self._by_scale(decayed):
-                    factor = 1 - self.weight_decay * scale * ops.cast(lr, group[0].dtype)
-                    torch._foreach_mul_([v.value for v in group], factor)
-            return
-        for variable in decayed:
-            rate = ops.cast(lr, variable.dtype) * self._scale_of(variable)
-            variable.assign(variable - variable * ops.cast(self.weight_decay, variable.dtype) * rate)
-
-    def _by_scale(self, variables, *lists):
-        """[(scale, variables, *lists)] grouped by learning-rate scale (at most num_groups + 2)."""
-        groups = {}
-        for i, variable in enumerate(variables):
-            groups.setdefault(self._scale_of(variable), []).append(i)
-        return [(scale, [variables[i] for i in idx], *[[l[i] for i in idx] for l in lists])
-                for scale, idx in groups.items()]
-
-    def _backend_update_step(self, grads, trainable_variables, learning_rate):
-        # Keras gives its own torch Adam/AdamW one multi-tensor (foreach) update for all variables
-        # but serves only those exact classes; a subclass falls back to a Python loop of ~10 small
-        # ops per variable (164 ms a step for Atto here). This is the same Adam update, multi-tensor,
-        # once per learning-rate group.
-        if not _TORCH or self.amsgrad:
-            return super()._backend_update_step(grads, trainable_variables, learning_rate)
-        import torch
-
-        with torch.no_grad():
-            dtype = trainable_variables[0].dtype
-            lr = ops.cast(learning_rate, dtype)
-            step = ops.cast(self.iterations + 1, dtype)
-            alpha = lr * ops.sqrt(1 - ops.power(ops.cast(self.beta_2, dtype), step)) / (
-                1 - ops.power(ops.cast(self.beta_1, dtype), step))
-            for scale, variables, group_grads in self._by_scale(trainable_variables, grads):
-                index = [self._get_variable_index(v) for v in variables]
-                m = [self._momentums[i].value for i in index]
-                v = [self._velocities[i].value for i in index]
-                torch._foreach_mul_(m, self.beta_1)
-                torch._foreach_add_(m, group_grads, alpha=1 - self.beta_1)
-                torch._foreach_mul_(v, self.beta_2)
-                torch._foreach_addcmul_(v, group_grads, group_grads, value=1 - self.beta_2)
-                denominator = torch._foreach_sqrt(v)
-                torch._foreach_add_(denominator, self.epsilon)
-                update = torch._foreach_div(torch._foreach_mul(m, alpha * scale), denominator)
-                torch._foreach_sub_([x.value for x in variables], update)
-
-    def _update_model_variables_moving_average(self, trainable_variables):
-        if not (_TORCH and self.use_ema):
-            return super()._update_model_variables_moving_average(trainable_variables)
-        import torch
-
-        with torch.no_grad():  # the same average, multi-tensor (Keras loops over variables)
-            pairs = [(v.value, a.value) for v, a in zip(trainable_variables, self._model_variables_moving_average)
-                     if a is not None]
-            momentum = ops.cast(ops.not_equal(self.iterations, 0), pairs[0][0].dtype) * self.ema_momentum
-            averages = [a for _, a in pairs]
-            torch._foreach_mul_(averages, momentum)
-            torch._foreach_add_(averages, torch._foreach_mul([v for v, _ in pairs], 1 - momentum))
-
-    def _overwrite_model_variables_with_average_value(self, trainable_variables):
-        # Keras assigns the EMA's own array: on JAX the model and the EMA then share one buffer,
-        # and the next `fit` fails ("Attempt to donate the same buffer twice"). Assign copies.
-        if len(trainable_variables) != len(self._model_variables_moving_average):
-            raise ValueError(
-                f"The optimizer keeps an EMA of {len(self._model_variables_moving_average)} variables. "
-                f"Received: {len(trainable_variables)} variables"
-            )
-        for var, average in zip(trainable_variables, self._model_variables_moving_average):
-            if average is not None:
-                var.assign(ops.copy(average))
+    def finalize_variable_values(self, var_list):
+        super().finalize_variable_values(var_list)  # with EMA: the model variables take the averages
+        if self.use_ema:
+            # Keras assigns the EMA's own arrays: on JAX the model and the EMA then share buffers and
+            # the next `fit` fails ("Attempt to donate the same buffer twice"). A copy each, its own.
+            for variable in var_list:
+                variable.assign(ops.copy(variable))
 
     def get_config(self):
         config = super().get_config()
-        config.update({"layer_decay": self.layer_decay, "num_groups": self.num_groups})
+        config.update({"weight_decay": self.decoupled_weight_decay, "layer_decay": self.layer_decay,
+                       "num_groups": self.num_groups})
         return config
 
 

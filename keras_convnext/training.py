@@ -16,7 +16,7 @@ import time
 
 import keras
 
-from keras_convnext import checks, files
+from keras_convnext import backend_ops, checks, files
 from keras_convnext import data as data_lib
 from keras_convnext import recipes as recipes_lib
 from keras_convnext.variants import MIN_IMAGE_SIZE, VARIANTS, Variant
@@ -206,7 +206,7 @@ def save_model(model, path):
 
 def _data_parallel(batch_size, distribute):
     """Sets `keras.distribution.DataParallel` over all devices on JAX when there are several."""
-    if distribute is False or keras.backend.backend() != "jax":
+    if distribute is False or not backend_ops.data_parallel_available():
         if distribute is True:
             raise ValueError(
                 "Data parallel training needs the JAX backend (keras.distribution). "

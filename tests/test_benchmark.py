@@ -33,8 +33,8 @@ def tiny_results():
 def test_each_measurement_runs_in_its_own_process_and_reports(tiny_results):
     for result in tiny_results:
         assert "error" not in result, result
-        assert result["images_per_second"] > 0 and result["peak_memory_mb"] >= 0
         assert result["images_per_second"] == pytest.approx(2 / result["seconds"])
+        assert result["peak_memory_mb"] > 1  # building and running a model costs memory above the imports
 
 
 def test_table_ratios_and_plot(tiny_results, tmp_path):
@@ -64,7 +64,9 @@ def test_cli_writes_json(tmp_path):
     main(["benchmark", "--variant", "atto", "--image-size", "32", "--batch-size", "2", "--steps", "1",
           "--warmup", "1", "--mode", "inference", "--no-peers", "--json", str(out)])
     data = json.loads(out.read_text())
-    assert len(data) == 1 and data[0]["impl"] == "keras_convnext" and data[0]["images_per_second"] > 0
+    assert len(data) == 1 and data[0]["impl"] == "keras_convnext" and data[0]["mode"] == "inference"
+    assert (data[0]["variant"], data[0]["image_size"], data[0]["batch_size"]) == ("atto", 32, 2)
+    assert data[0]["images_per_second"] == pytest.approx(2 / data[0]["seconds"])
 
 
 def test_plan_needs_a_warmup_and_a_timed_batch():
