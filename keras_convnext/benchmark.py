@@ -14,6 +14,8 @@ import time
 
 import keras
 
+from keras_convnext.variants import VARIANTS
+
 KERAS_IMPLS = ("keras_convnext", "keras_applications")
 TIMM_IMPLS = ("timm", "timm_compile")
 BACKENDS = ("tensorflow", "jax", "torch")
@@ -79,13 +81,12 @@ def _time_keras(spec):
     shape = (spec.image_size, spec.image_size, 3)
     if spec.impl == "keras_convnext":
         from keras_convnext.model import ConvNeXt
-        from keras_convnext.variants import VARIANTS
 
         v = VARIANTS[spec.variant]
         model = ConvNeXt(v.depths, v.dims, weights=None, input_shape=shape,
                          drop_path_rate=v.drop_path_rate if spec.mode == "training" else 0.0)
     else:
-        name = "ConvNeXtXLarge" if spec.variant == "xlarge" else f"ConvNeXt{spec.variant.capitalize()}"
+        name = VARIANTS[spec.variant].builder_name
         model = getattr(keras.applications, name)(weights=None, input_shape=shape)
     rng = np.random.default_rng(0)
     n = spec.batch_size

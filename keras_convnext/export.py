@@ -92,7 +92,7 @@ def _load_model(model):
         return ConvNeXt(v.depths, v.dims, weights=preset.name, classes=preset.classes), preset
     if not os.path.isfile(model):
         raise ValueError(f"No .keras file or preset of that name. Received: model={model!r}")
-    import keras_convnext.model  # noqa: F401  (registers ConvNeXtModel and its layers with the .keras loader)
+    import keras_convnext.backbone  # noqa: F401  (registers ConvNeXtModel and its layers with the .keras loader)
     from keras_convnext.checkpoints import CheckpointError
     from keras_convnext.weights import load_keras_model
 

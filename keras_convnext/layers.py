@@ -257,9 +257,9 @@ def kernel_init(scale=1.0):
     return HostTruncatedNormal(stddev=0.02 * scale)
 
 
-def layer_norm(name, **kwargs):
+def layer_norm(name, epsilon=LN_EPS, **kwargs):
     """ConvNeXt's LayerNorm (eps 1e-6, gamma 1, beta 0, filled on the host) in each backend's fastest form."""
-    return LayerNorm(epsilon=LN_EPS, name=name, gamma_initializer=HostConstant(1.0),
+    return LayerNorm(epsilon=epsilon, name=name, gamma_initializer=HostConstant(1.0),
                      beta_initializer=HostConstant(0.0), **kwargs)
 
 

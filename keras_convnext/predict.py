@@ -15,7 +15,8 @@ def predict_files(paths, preset=None, weights=None, top=5, batch_size=8):
 
     Images go through the preset's evaluation transform (size, crop_pct, bicubic). With a
     checkpoint file instead of a preset, the architecture is read from the file and the
-    224 px ImageNet transform is used.
+    224 px ImageNet transform is used. Names are `decode_predictions`' (keras.applications'
+    spelling, "great_white_shark"), so the output joins with keras's class index as it is.
     """
     from keras_convnext import checks
     from keras_convnext import model as model_lib
@@ -58,6 +59,12 @@ def predict_files(paths, preset=None, weights=None, top=5, batch_size=8):
             raise ValueError(
                 "`predict` names ImageNet-1k classes; this checkpoint's head has "
                 f"{classes} outputs. Received: weights={weights!r}"
+            )
+        channels = weights_lib.stem_channels(layers)
+        if channels != 3:
+            raise ValueError(
+                f"`predict` classifies RGB images; this checkpoint's stem takes {channels} input channels. "
+                f"Received: weights={weights!r}"
             )
         model = model_lib.ConvNeXt(depths, dims, weights=weights)
     probs = model.predict(images, batch_size=batch_size, verbose=0)

@@ -1,4 +1,5 @@
-"""Input side: pixel normalisation, timm's evaluation transform, and ImageNet class names."""
+"""Input side: keras.applications' `preprocess_input`, pixel normalisation, timm's evaluation transform,
+and ImageNet class names."""
 
 import functools
 import io
@@ -26,11 +27,35 @@ ELONGATED = ("The image is {}x{} pixels (width x height), more elongated than th
              "transform takes: it resizes the shorter side and the longer one in proportion")
 
 
-def preprocess_input(x, mean=presets_lib.IMAGENET_MEAN, std=presets_lib.IMAGENET_STD):
+DATA_FORMATS = (None, "channels_last", "channels_first")
+
+
+def preprocess_input(x, data_format=None):
+    """The identity, as `keras.applications.convnext.preprocess_input`: returns `x` unchanged.
+
+    ConvNeXt models normalise inside (`include_preprocessing=True`, the default, as keras's
+    ConvNeXt models do), so they take raw [0, 255] pixels. Kept so that code written for
+    `keras.applications` runs as it is; a model built with `include_preprocessing=False` takes
+    `normalize_pixels(x)` instead.
+
+    Args:
+        x: a floating or integer NumPy array, or a tensor.
+        data_format: None, "channels_last" or "channels_first", checked as keras.applications
+            checks it (None: `keras.config.image_data_format()`); either way `x` is returned as it is.
+    """
+    if data_format not in DATA_FORMATS:
+        # keras.applications.imagenet_utils.preprocess_input's check and words.
+        raise ValueError("Expected data_format to be one of `channels_first` or "
+                         f"`channels_last`. Received: data_format={data_format}")
+    return x
+
+
+def normalize_pixels(x, mean=presets_lib.IMAGENET_MEAN, std=presets_lib.IMAGENET_STD):
     """Normalises raw [0, 255] pixels for a model built with `include_preprocessing=False`.
 
     Returns `(x / 255 - mean) / std` per channel (channels last): a float32 NumPy array for
-    NumPy or list input, a backend tensor for a tensor.
+    NumPy or list input, a backend tensor for a tensor. `ConvNeXtPreprocessing`, the layer of
+    `include_preprocessing=True`, computes the same.
     """
     if isinstance(x, (np.ndarray, list, tuple)):
         x = np.asarray(x, dtype="float32")
@@ -248,7 +273,11 @@ def decode_image_bytes(source, path=None, max_aspect_ratio=None):
 
 @functools.cache
 def imagenet_classes():
-    """The 1000 ImageNet-1k classes in model output order, as (wordnet_id, name) pairs."""
+    """The 1000 ImageNet-1k classes in model output order, as (wordnet_id, name) pairs.
+
+    The names are keras.applications' (its `imagenet_class_index.json`): WordNet's first lemma,
+    spaces written as underscores ("great_white_shark").
+    """
     path = os.path.join(os.path.dirname(__file__), "data", "imagenet_classes.txt")
     with open(path, encoding="utf-8") as f:
         return tuple(tuple(line.rstrip("\n").split("\t")) for line in f)
@@ -257,16 +286,21 @@ def imagenet_classes():
 def decode_predictions(preds, top=5):
     """Turns (N, 1000) ImageNet scores into the `top` best (wordnet_id, name, score) per sample.
 
-    As `keras.applications.imagenet_utils.decode_predictions`, with the class names shipped
-    in the package instead of downloaded.
+    As `keras.applications.convnext.decode_predictions`, with keras's class names (`imagenet_classes`)
+    shipped in the package instead of downloaded. `preds` is a NumPy array, a list or a tensor;
+    scores come back as Python floats, best first (ties: the lower class index first).
     """
-    preds = np.asarray(preds)
+    if isinstance(preds, (np.ndarray, list, tuple)):
+        preds = np.asarray(preds)
+    else:
+        from keras import ops
+
+        preds = ops.convert_to_numpy(preds)
     classes = imagenet_classes()
     if preds.ndim != 2 or preds.shape[1] != len(classes):
-        raise ValueError(
-            f"`decode_predictions` expects a batch of {len(classes)} ImageNet scores, shape "
-            f"(samples, {len(classes)}). Received: preds with shape={preds.shape}"
-        )
+        # keras.applications.imagenet_utils.decode_predictions's words.
+        raise ValueError("`decode_predictions` expects a batch of predictions (i.e. a 2D array of shape "
+                         f"(samples, {len(classes)})). Received array with shape: {preds.shape}")
     checks.integer("top", top, minimum=1, maximum=len(classes))
     results = []
     for row in preds:

@@ -22,6 +22,11 @@ class Variant:
     params: int = None
     gmacs: float = None
 
+    @property
+    def builder_name(self):
+        """The name of the variant's builder: "ConvNeXtTiny", "ConvNeXtXLarge"."""
+        return "ConvNeXtXLarge" if self.name == "xlarge" else f"ConvNeXt{self.name.capitalize()}"
+
 
 VARIANTS = {
     v.name: v

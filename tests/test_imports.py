@@ -207,3 +207,37 @@ def test_every_distribution_has_one_pin_and_all_installs_every_extra():
     assert {name: specs for name, specs in pins.items() if len(specs) > 1} == {}
     everything = set().union(*(distributions_of(e) for e in EXTRAS if e not in ("all", "dev")))
     assert set(distributions_of("all")) == everything
+
+
+def test_the_package_modules_import_each_other_without_a_cycle():
+    # Every import between the package's modules, deferred ones inside functions included.
+    import ast
+    import pathlib
+
+    import keras_convnext
+
+    root = pathlib.Path(keras_convnext.__file__).parent
+    graph = {}
+    for path in root.glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("keras_convnext."):
+                deps.add(node.module.split(".")[1])
+            elif isinstance(node, ast.ImportFrom) and node.module == "keras_convnext":
+                deps |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.Import):
+                deps |= {a.name.split(".")[1] for a in node.names if a.name.startswith("keras_convnext.")}
+        graph[path.stem] = deps - {path.stem, "__init__"}
+    graph["__init__"] = set()  # the lazy loader imports everything by name, on first use
+    assert {"model", "backbone", "weights", "names", "remap", "assign"} <= set(graph)
+
+    def cycle_from(start, path):
+        for dep in sorted(graph.get(start, ())):
+            if dep in path:
+                return path[path.index(dep):] + [dep]
+            found = cycle_from(dep, path + [dep])
+            if found:
+                return found
+        return None
+
+    assert [c for c in (cycle_from(m, [m]) for m in sorted(graph)) if c] == []

@@ -655,7 +655,7 @@ def test_config_is_the_constructor_arguments():
         "name": "mine", "trainable": True, "depths": list(TINY["depths"]), "dims": list(TINY["dims"]),
         "include_top": False, "include_preprocessing": True, "input_shape": [None, None, 2], "pooling": "max",
         "classes": 7, "classifier_activation": "softmax", "drop_path_rate": 0.2, "layer_scale_init_value": 1e-6,
-        "head_init_scale": 1.0, "mean": None, "std": None,
+        "head_init_scale": 1.0, "mean": None, "std": None, "norm_epsilon": 1e-6,
     }
     again = kc.ConvNeXtModel.from_config(config)
     assert again.get_config() == config and again.count_params() == model.count_params()

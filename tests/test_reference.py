@@ -6,6 +6,7 @@ from conftest import TINY
 from scipy.special import erf
 
 import keras_convnext as kc
+from keras_convnext import names
 
 
 def layer_norm(x, gamma, beta, eps=1e-6):
@@ -35,24 +36,40 @@ def gelu(x):
     return 0.5 * x * (1 + erf(x / np.sqrt(2)))
 
 
+def official_weights(model):
+    """{official key: float64 array in the Keras layout} of a model's variables (names.py's contract)."""
+    out = {}
+    for variable in model.weights:
+        key = names.official_key(variable.path)
+        assert key is not None, variable.path  # every variable of a ConvNeXt is in the contract
+        out[key] = np.asarray(keras.ops.convert_to_numpy(variable), "float64")
+    return out
+
+
 def reference_forward(model, x, mean, std):
-    w = {l.name: [np.asarray(keras.ops.convert_to_numpy(v), "float64") for v in l.weights] for l in model.layers}
+    w = official_weights(model)
+
+    def params(module, *names_):
+        return [w[f"{module}.{name}"] for name in names_ or ("weight", "bias")]
+
     x = (x.astype("float64") / 255 - np.array(mean)) / np.array(std)
-    x = patch_conv(x, *w["downsample_layers_0_0"], 4)
-    x = layer_norm(x, *w["downsample_layers_0_1"])
+    x = patch_conv(x, *params("downsample_layers.0.0"), 4)
+    x = layer_norm(x, *params("downsample_layers.0.1"))
     for s, depth in enumerate(TINY["depths"]):
         if s:
-            x = layer_norm(x, *w[f"downsample_layers_{s}_0"])
-            x = patch_conv(x, *w[f"downsample_layers_{s}_1"], 2)
+            x = layer_norm(x, *params(f"downsample_layers.{s}.0"))
+            x = patch_conv(x, *params(f"downsample_layers.{s}.1"), 2)
         for b in range(depth):
-            p = f"stages_{s}_{b}"
-            y = depthwise7(x, *w[f"{p}_dwconv"])
-            y = layer_norm(y, *w[f"{p}_norm"])
-            y = gelu(y @ w[f"{p}_pwconv1"][0] + w[f"{p}_pwconv1"][1])
-            y = y @ w[f"{p}_pwconv2"][0] + w[f"{p}_pwconv2"][1]
-            x = x + y * w[f"{p}_gamma"][0]
-    x = layer_norm(x.mean((1, 2)), *w["norm"])
-    return x @ w["head"][0] + w["head"][1]
+            p = f"stages.{s}.{b}"
+            y = depthwise7(x, *params(f"{p}.dwconv"))
+            y = layer_norm(y, *params(f"{p}.norm"))
+            fc1, fc1_bias = params(f"{p}.pwconv1")
+            fc2, fc2_bias = params(f"{p}.pwconv2")
+            y = gelu(y @ fc1 + fc1_bias) @ fc2 + fc2_bias
+            x = x + y * w[f"{p}.gamma"]
+    x = layer_norm(x.mean((1, 2)), *params("norm"))
+    head, head_bias = params("head")
+    return x @ head + head_bias
 
 
 def test_whole_model_matches_numpy_reference():
@@ -60,10 +77,11 @@ def test_whole_model_matches_numpy_reference():
                         classes=5, classifier_activation=None, layer_scale_init_value=1.0,
                         drop_path_rate=0.3)
     rng = np.random.default_rng(0)
-    # Non-trivial norms, biases and scales, so that every parameter matters.
-    for layer in model.layers:
-        layer.set_weights([rng.normal(1.0 if v.name in ("gamma",) else 0.0, 0.3, v.shape).astype("float32")
-                           for v in layer.weights])
+    # Non-trivial norms, biases and scales (a LayerNorm's gamma and a block's layer scale around 1), so that
+    # every parameter matters.
+    for variable in model.weights:
+        variable.assign(rng.normal(1.0 if variable.name == "gamma" else 0.0, 0.3, variable.shape).astype("float32"))
+    assert len(official_weights(model)) == len(model.weights) == 65
     x = rng.integers(0, 256, (2, 64, 64, 3)).astype("uint8")
     ours = keras.ops.convert_to_numpy(model(x))
     ref = reference_forward(model, x, kc.presets.IMAGENET_MEAN, kc.presets.IMAGENET_STD)

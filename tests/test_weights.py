@@ -1,9 +1,13 @@
 """Checkpoint loading: parity against every peer format, and every way a file can be wrong."""
 
+import dataclasses
+import hashlib
 import importlib
+import json
 import os
 import pickle
 import re
+import warnings
 import zipfile
 
 import keras
@@ -12,7 +16,9 @@ import pytest
 from peers import TINY_DEPTHS, TINY_DIMS, hf_model, keras_apps_tiny, timm_model, timm_to_official, torch_logits
 
 import keras_convnext as kc
-from keras_convnext import checkpoints
+from keras_convnext import checkpoints, names, remap
+from keras_convnext import download as download_lib
+from keras_convnext import presets as presets_lib
 from keras_convnext import weights as weights_lib
 from keras_convnext.checkpoints import CheckpointError
 
@@ -78,6 +84,13 @@ def test_hugging_face_parity(tmp_path, saver, pixels):
     assert diff <= TOL, diff
 
 
+def test_a_converted_hugging_face_checkpoint_keeps_its_norm_epsilon(tmp_path):
+    peer = hf_model(num_labels=10)
+    peer.save_pretrained(tmp_path)
+    path = kc.convert(str(tmp_path / "model.safetensors"), str(tmp_path / "hf.keras"))
+    assert weights_lib.load_keras_model(path).get_layer("norm").epsilon == 1e-12
+
+
 def test_hugging_face_backbone_without_prefix_loads_without_top(tmp_path, pixels):
     peer = hf_model(num_labels=10)
     backbone = {k[len("convnext."):]: v for k, v in peer.state_dict().items() if k.startswith("convnext.")}
@@ -125,7 +138,7 @@ def test_other_class_count_keeps_the_backbone_and_starts_a_fresh_head(atto, pixe
     head = keras.ops.convert_to_numpy(model.get_layer("head").kernel)
     assert head.shape == (320, 3) and np.abs(head).max() < 0.001  # fresh, scaled by head_init_scale
     notop = kc.ConvNeXtAtto(weights=str(folder / "atto.pth"), include_top=False, input_shape=(64, 64, 3))
-    assert notop.layers[-1].name == "stages_3_1_add"
+    assert notop.layers[-1].name == "stages_3"
 
 
 def test_convert_reads_the_architecture_and_refuses_to_overwrite(atto, tmp_path):
@@ -205,7 +218,8 @@ def test_bfloat16_and_half_checkpoints_read_without_torch_loader(atto, tmp_path,
     torch.save({k: v.to(torch.bfloat16) for k, v in peer.state_dict().items()}, tmp_path / "bf16.pth")
     model = kc.ConvNeXtAtto(weights=str(tmp_path / "bf16.pth"), classes=10, input_shape=(64, 64, 3))
     expected = peer.state_dict()["stem.0.weight"].to(torch.bfloat16).float().numpy().transpose(2, 3, 1, 0)
-    np.testing.assert_array_equal(keras.ops.convert_to_numpy(model.get_layer("downsample_layers_0_0").kernel), expected)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(model.get_layer("stages_0").downsample.conv.kernel),
+                                  expected)
 
 
 NO_TORCH_LOAD = r"""
@@ -234,38 +248,37 @@ def test_pth_files_read_without_torch(atto):
     assert done.stdout.split() == ["torch_zip", "timm", "70", "False"]
 
 
+LOAD_ALONE = r"""
+import sys
+from keras_convnext.weights import load_keras_model, read_weights
+model = load_keras_model(sys.argv[1])
+print(type(model).__name__, len(read_weights(sys.argv[1])[0]))
+"""
+
+
+def test_a_keras_file_loads_through_weights_alone(tmp_path):
+    # Keras finds ConvNeXtModel only in its registry: the loader fills it, whatever the process imported before.
+    import subprocess
+    import sys
+
+    from conftest import TINY
+
+    kc.ConvNeXt(TINY["depths"], TINY["dims"], weights=None, classes=5).save(tmp_path / "tiny.keras")
+    done = subprocess.run([sys.executable, "-c", LOAD_ALONE, str(tmp_path / "tiny.keras")], capture_output=True,
+                          text=True, env=dict(os.environ, KERAS_BACKEND="jax"))
+    assert done.returncode == 0, done.stderr[-1500:]
+    assert done.stdout.split() == ["ConvNeXtModel", "35"]
+
+
 # --- review findings: each of these got through (or crashed) before its fix ---------------------
 
 
-def arrays(*shapes):
-    return [np.ones(shape, "f4") for shape in shapes]
-
-
-@pytest.mark.parametrize("convert, state, first, second", [
-    (weights_lib.official_to_keras,
-     dict(zip(["stages.0.0.dwconv.weight", "stages_0_0_dwconv.weight"], arrays((8, 1, 7, 7), (8, 1, 7, 7)))),
-     "stages.0.0.dwconv.weight", "stages_0_0_dwconv.weight"),
-    (weights_lib.official_to_keras,
-     dict(zip(["downsample_layers.0.0.weight", "downsample_layers_0.0.weight"], arrays((8, 3, 4, 4), (8, 3, 4, 4)))),
-     "downsample_layers.0.0.weight", "downsample_layers_0.0.weight"),
-    (weights_lib.keras_apps_to_keras,
-     dict(zip(["a_stem_conv/a_stem_conv/kernel", "b/b_stem_conv/kernel"], arrays((4, 4, 3, 8), (4, 4, 3, 8)))),
-     "a_stem_conv/a_stem_conv/kernel", "b/b_stem_conv/kernel"),
-    (lambda state, path: weights_lib.to_official(state, path),
-     dict(zip(["stem.0.weight", "stages.0.blocks.0.conv_dw.weight", "stages.0.0.dwconv.weight"],
-              arrays((8, 3, 4, 4), (8, 1, 7, 7), (8, 1, 7, 7)))),
-     "stages.0.blocks.0.conv_dw.weight", "stages.0.0.dwconv.weight"),
-    (lambda state, path: weights_lib.to_official(state, path),
-     dict(zip(["convnext.embeddings.patch_embeddings.weight", "embeddings.patch_embeddings.weight"],
-              arrays((8, 3, 4, 4), (8, 3, 4, 4)))),
-     "convnext.embeddings.patch_embeddings.weight", "embeddings.patch_embeddings.weight"),
-    (checkpoints.state_dict_of, dict(zip(["module.head.weight", "head.weight"], arrays((2, 4), (2, 4)))),
-     "module.head.weight", "head.weight"),
-])
-def test_two_source_tensors_for_one_slot_are_refused_by_name(convert, state, first, second):
-    with pytest.raises(CheckpointError, match=rf"^x.pth: tensors '{re.escape(first)}' and '{re.escape(second)}' "
-                                              r"both become '[\w.]+'"):
-        convert(state, "x.pth")
+def test_two_wrapped_keys_for_one_tensor_are_refused_by_name():
+    # (Each converter's own collisions: tests/test_remap.py.)
+    state = {"module.head.weight": np.ones((2, 4), "f4"), "head.weight": np.ones((2, 4), "f4")}
+    with pytest.raises(CheckpointError, match=r"^x.pth: tensors 'module.head.weight' and 'head.weight' both become "
+                                              r"'head.weight'"):
+        checkpoints.state_dict_of(state, "x.pth")
 
 
 def test_a_duplicated_tensor_in_a_file_is_refused(atto, tmp_path):
@@ -292,14 +305,6 @@ def test_a_tensor_of_the_wrong_rank_is_refused_by_name(tmp_path, key, shape, mes
     with pytest.raises(CheckpointError, match=rf"rank.pth: {message}"):
         layers, _ = weights_lib.read_weights(tmp_path / "rank.pth")
         weights_lib.architecture_of(layers)
-
-
-def test_a_timm_pointwise_conv_that_is_not_1x1_is_refused_by_name():
-    state = {"stem.0.weight": np.ones((8, 3, 4, 4), "f4"),
-             "stages.0.blocks.0.mlp.fc1.weight": np.ones((32, 8, 0, 0), "f4")}
-    with pytest.raises(CheckpointError, match=r"x.pth: tensor 'stages.0.blocks.0.mlp.fc1.weight' has shape "
-                                              r"\(32, 8, 0, 0\); a timm pointwise conv is \(out, in, 1, 1\)"):
-        weights_lib.to_official(state, "x.pth")
 
 
 def hostile_keras(tmp_path, config=None, link=False):
@@ -392,9 +397,10 @@ def save_safetensors(state, path):
 @pytest.mark.parametrize("include_top, pooling", [(True, None), (False, "avg"), (False, None)])
 def test_the_shapes_a_checkpoint_is_checked_against_are_the_models(include_top, pooling):
     model = kc.ConvNeXt(TINY_DEPTHS, TINY_DIMS, weights=None, include_top=include_top, pooling=pooling, classes=7)
-    built = {(layer, param): tuple(v.shape) for layer, vs in weights_lib._keras_state(model).items()
+    built = {(layer, param): tuple(v.shape) for layer, vs in names.variables_by_module(model).items()
              for param, v in vs.items()}
-    assert weights_lib._shapes(TINY_DEPTHS, TINY_DIMS, 7 if include_top else None, with_norm=pooling == "avg") == built
+    classes = 7 if include_top else None
+    assert remap.expected_shapes(TINY_DEPTHS, TINY_DIMS, classes, with_norm=pooling == "avg") == built
 
 
 def test_a_complete_checkpoint_of_numpy_arrays_reads(tmp_path):
@@ -454,3 +460,141 @@ def test_a_pipe_or_a_device_is_not_read(tmp_path):
     os.mkfifo(image)
     with pytest.raises(ValueError, match=r"not a regular file.*Received: path="):
         kc.decode_image_bytes(str(image))  # would block on the pipe for ever
+
+
+# --- a pretrained stem for other channel counts -----------------------------------------------
+
+def _adapted(folder, channels, **kwargs):
+    with pytest.warns(UserWarning, match=rf"atto.pth: adapted the checkpoint's 3-channel stem to the model's "
+                                         rf"{channels} input channels \(timm's rule"):
+        return kc.ConvNeXtAtto(weights=str(folder / "atto.pth"), classes=10, input_shape=(64, 64, channels),
+                               include_preprocessing=False, classifier_activation=None, **kwargs)
+
+
+@pytest.mark.parametrize("channels", [1, 4])
+def test_a_pretrained_stem_is_adapted_as_timm_adapts_it(atto, channels):
+    import timm
+    from timm.models import adapt_input_conv
+
+    peer, folder = atto
+    model = _adapted(folder, channels)
+    expected = adapt_input_conv(channels, peer.state_dict()["stem.0.weight"]).numpy().transpose(2, 3, 1, 0)
+    kernel = keras.ops.convert_to_numpy(model.get_layer("stages_0").downsample.conv.kernel)
+    assert kernel.shape == (4, 4, channels, 40)
+    np.testing.assert_allclose(kernel, expected, rtol=1e-6, atol=1e-7)
+    # timm's own N-channel model, pretrained from the same file, gives the same logits (its config told the
+    # file's class count: timm drops a head of another count).
+    theirs = timm.create_model("convnext_atto", pretrained=True, in_chans=channels, num_classes=10,
+                               pretrained_cfg_overlay={"file": str(folder / "atto.pth"), "num_classes": 10}).eval()
+    np.testing.assert_array_equal(theirs.head.fc.weight.detach().numpy(), peer.head.fc.weight.detach().numpy())
+    x = np.random.default_rng(2).normal(size=(2, 64, 64, channels)).astype("float32")
+    with torch.no_grad():
+        expected_logits = theirs(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
+    diff = np.abs(logits(model, x) - expected_logits).max()
+    assert diff <= TOL, diff
+
+
+def test_a_grey_image_gives_the_rgb_models_logits_on_it_replicated(atto):
+    # The sum rule: a 1-channel stem summed over R, G, B sees a grey image as the RGB model sees it in colour.
+    # (On normalised inputs: with include_preprocessing=True each RGB channel has its own mean and std.)
+    _, folder = atto
+    grey_model = _adapted(folder, 1)
+    rgb_model = kc.ConvNeXtAtto(weights=str(folder / "atto.pth"), classes=10, input_shape=(64, 64, 3),
+                                include_preprocessing=False, classifier_activation=None)
+    grey = np.random.default_rng(3).normal(size=(2, 64, 64, 1)).astype("float32")
+    expected = logits(rgb_model, np.repeat(grey, 3, axis=-1))
+    assert np.abs(expected).max() > 0.1
+    np.testing.assert_allclose(logits(grey_model, grey), expected, atol=TOL)
+
+
+# --- the converted-preset cache ---------------------------------------------------------------
+
+def _previous_structure_keras(path):
+    """A .keras file as the model structure before the stage layers saved it: a ConvNeXtModel whose
+    config is its functional graph (flat layers named `stages_0_0_pwconv1` and so on), not its arguments."""
+    inputs = keras.Input((32, 32, 3), name="images")
+    x = keras.layers.Conv2D(8, 4, strides=4, name="downsample_layers_0_0")(inputs)
+    x = keras.layers.Dense(32, name="stages_0_0_pwconv1")(x)
+    keras.Model(inputs, x).save(path)
+    with zipfile.ZipFile(path) as z:
+        members = {info.filename: z.read(info) for info in z.infolist()}
+    config = json.loads(members["config.json"])
+    assert {"layers", "input_layers", "output_layers"} <= set(config["config"])
+    config.update(module="keras_convnext.model", class_name="ConvNeXtModel",
+                  registered_name="keras_convnext>ConvNeXtModel")
+    members["config.json"] = json.dumps(config).encode()
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+
+
+def test_a_cached_preset_of_the_previous_model_structure_is_rebuilt(atto, tmp_path, monkeypatch, pixels):
+    peer, folder = atto
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    data = (folder / "atto.pth").read_bytes()
+    # The source is already in the downloads folder, verified by its hash: nothing is fetched.
+    preset = dataclasses.replace(presets_lib.PRESETS["convnext_atto.d2_in1k"], classes=10,
+                                 url="https://example.invalid/convnext_atto_old_cache.pth",
+                                 sha256=hashlib.sha256(data).hexdigest(), sha256_prefix=None)
+    monkeypatch.setitem(presets_lib.PRESETS, preset.name, preset)
+    os.makedirs(download_lib.downloads_dir())
+    with open(os.path.join(download_lib.downloads_dir(), "convnext_atto_old_cache.pth"), "wb") as f:
+        f.write(data)
+    final = download_lib.preset_cache_path(preset)
+    _previous_structure_keras(final)
+    # A complete .keras file, which this version's model no longer loads.
+    assert download_lib.checkpoint_problem(final, "keras") is None
+    with pytest.raises(CheckpointError, match=r"cannot read the Keras model"):
+        weights_lib.read_weights(final)
+    assert weights_lib.stale_cache_problem(final) == (
+        "its config lacks ['depths', 'dims'], holds ['input_layers', 'layers', 'output_layers'], which the model "
+        "does not take")
+
+    def no_public_convert(*args, **kwargs):
+        raise AssertionError("fetch_preset called the public convert")
+
+    monkeypatch.setattr(weights_lib, "convert", no_public_convert)
+    with pytest.warns(UserWarning, match=rf"the converted preset convnext_atto\.d2_in1k at {re.escape(final)} was "
+                                         r"written by an earlier keras_convnext \(its config lacks \['depths', 'dims'\]"
+                                         r".*\): removed it and converting the preset again"):
+        model = kc.ConvNeXtAtto(weights=preset.name, classes=10, input_shape=(64, 64, 3), classifier_activation=None)
+    diff = np.abs(logits(model, pixels) - torch_logits(peer, pixels)).max()
+    assert diff <= TOL, diff
+    assert weights_lib.stale_cache_problem(final) is None
+    cache = sorted(os.path.relpath(os.path.join(d, f), tmp_path) for d, _, fs in os.walk(tmp_path) for f in fs
+                   if not f.endswith(".lock"))
+    assert cache == ["keras_convnext/convnext_atto.d2_in1k.keras"]  # the source removed, nothing kept aside
+    # The rebuilt file is this version's: the next call takes it as it is, without a word.
+    mtime = os.stat(final).st_mtime_ns
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert weights_lib.fetch_preset(preset, progress=False) == final
+    assert os.stat(final).st_mtime_ns == mtime
+    rebuilt = weights_lib.load_keras_model(final)
+    assert rebuilt.input_shape == (None, 224, 224, 3) and rebuilt.mean == list(preset.mean)
+
+
+@pytest.mark.parametrize("config, problem", [
+    ('{"class_name": "Functional", "registered_name": "Functional", "config": {}}',
+     "its config.json is not a keras_convnext ConvNeXtModel's (registered name 'Functional')"),
+    ('{"registered_name": "keras_convnext>ConvNeXtModel", "config": {"depths": [1, 1, 1, 1], "dims": [8, 8, 8, 8], '
+     '"trainable": true, "dtype": "float32", "stem_width": 3}}', "holds ['stem_width'], which the model does not take"),
+    ('{"registered_name": "keras_convnext>ConvNeXtModel", "config": {"depths": [1, 1, 1, 1], "dims": [8, 8, 8, 8], '
+     '"name": "x", "trainable": true, "include_top": false}}', None),
+    ("[", "its config.json does not read"),
+])
+def test_the_cache_check_reads_the_config_alone(tmp_path, config, problem):
+    path = hostile_keras(tmp_path, config=config)
+    found = weights_lib.stale_cache_problem(path)
+    assert found is None if problem is None else problem in found, found
+
+
+def test_the_old_names_stay_importable_from_weights():
+    from keras_convnext.weights import (  # noqa: F401
+        CheckpointError, DownloadError, adapt_stem, architecture_of, assign, cache_dir, convert, detect_layout,
+        download, fetch_preset, keras_apps_to_keras, load_keras_model, load_weights, official_to_keras,
+        preset_cache_path, read_weights, stem_channels, to_official,
+    )
+
+    assert official_to_keras is remap.official_to_flat and keras_apps_to_keras is remap.keras_apps_to_flat
+    assert DownloadError is kc.DownloadError and convert is kc.convert and fetch_preset is kc.fetch_preset

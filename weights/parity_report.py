@@ -2,16 +2,19 @@
 
     KERAS_BACKEND=jax python weights/parity_report.py
 
-The same comparisons as tests/test_weights.py, printed as figures (max |logit difference|).
+The same comparisons as tests/test_weights.py, printed as figures (max |logit difference|), the
+stem adapted to 1 and 4 input channels included.
 """
 
 import os
 import sys
 import tempfile
+import warnings
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 import torch  # noqa: E402  (before TensorFlow, see tests/conftest.py)
 import torchvision  # noqa: E402,F401  (likewise: TensorFlow first segfaults)
+import timm  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from peers import TINY_DEPTHS, TINY_DIMS, hf_model, keras_apps_tiny, timm_model, timm_to_official, torch_logits  # noqa: E402
@@ -44,6 +47,21 @@ def main():
             check(f"timm {arch} .safetensors", lambda: builder(weights=os.path.join(folder, "a.safetensors"),
                                                                input_shape=(64, 64, 3), classifier_activation=None),
                   expected)
+            # A 3-channel checkpoint into a 1- or 4-channel model: the stem adapted by timm's rule, against
+            # timm's own model of that many channels pretrained from the same file (normalised inputs).
+            for channels in (1, 4):
+                theirs = timm.create_model(arch, pretrained=True, in_chans=channels, num_classes=1000,
+                                           pretrained_cfg_overlay={"file": os.path.join(folder, f"{arch}.pth")}).eval()
+                x = np.random.default_rng(2).normal(size=(4, 64, 64, channels)).astype("float32")
+                with torch.no_grad():
+                    expected_n = theirs(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)  # the note that the stem was adapted
+                    ours = builder(weights=os.path.join(folder, f"{arch}.pth"), input_shape=(64, 64, channels),
+                                   include_preprocessing=False, classifier_activation=None)
+                rows.append((f"timm {arch} .pth into a {channels}-channel model (timm in_chans={channels})",
+                             float(np.abs(ours.predict(x, verbose=0) - expected_n).max()),
+                             float(np.abs(expected_n).max())))
     hf = hf_model(num_labels=10)
     hf.save_pretrained(os.path.join(folder, "hf"))
     check("Hugging Face ConvNextForImageClassification", lambda: kc.ConvNeXt(
