@@ -101,6 +101,27 @@ class ConvNeXtModel(keras.Model):
         self.mean = None if mean is None else [float(m) for m in mean]
         self.std = None if std is None else [float(v) for v in std]
 
+    def call(self, inputs, training=None, mask=None):
+        """The model's layers run as the chain they are, each output let go once the next layer has it.
+
+        The same layers in the graph's own order (images -> preprocessing -> stages -> pool -> norm ->
+        head -> predictions), so the same numbers and gradients. Keras's functional executor keeps
+        every layer's output until the forward ends: in eager execution (PyTorch's predict, a direct
+        call) that holds the float batch, its preprocessed copy and every stage's map at once
+        (ConvNeXt-T, batch 16, float32: ~45 MB more at the peak). Symbolic calls (composing the model
+        into another) take Keras's graph as before (compute_output_spec).
+        """
+        if isinstance(inputs, (list, tuple)) and len(inputs) == 1:
+            inputs = inputs[0]
+        elif isinstance(inputs, dict) and len(inputs) == 1:
+            inputs = next(iter(inputs.values()))
+        if not keras.ops.is_tensor(inputs) and not hasattr(inputs, "__array__"):
+            return super().call(inputs, training=training, mask=mask)
+        x = keras.ops.convert_to_tensor(inputs, dtype=self.inputs[0].dtype)  # as Keras's Functional does
+        for layer in self.layers[1:]:  # (layers[0] is the InputLayer)
+            x = layer(x, training=training)
+        return x
+
     @property
     def variant(self):
         """The named variant of these depths and dims ("tiny", ...), or None for a custom one."""

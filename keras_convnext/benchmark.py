@@ -148,8 +148,13 @@ def _time_timm(spec):
 
 def _worker(spec):
     """Runs one measurement in this process; returns its result dict."""
+    # Every implementation's code is imported before the baseline, as keras and its backend are: the
+    # peak counts the model and its forward, not module imports (keras_convnext's load lazily).
     if spec.impl in TIMM_IMPLS:
-        import torch  # noqa: F401  (imports before the baseline, as keras and its backend are)
+        import timm  # noqa: F401
+        import torch  # noqa: F401
+    else:
+        import keras_convnext.model  # noqa: F401
     baseline = _rss_bytes()
     seconds = (_time_timm if spec.impl in TIMM_IMPLS else _time_keras)(spec)
     images = spec.batch_size * spec.steps
