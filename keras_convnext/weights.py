@@ -102,7 +102,7 @@ def _read_keras_file(path, info):
     return layers
 
 
-def load_weights(model, weights, preset=None, include_top=True, classes=1000, head_init_scale=1.0):
+def load_weights(model, weights, preset=None, head_init_scale=1.0):
     """Loads `weights` (a preset or a file path) into a freshly built `model`."""
     if preset is not None:
         path = fetch_preset(preset)
