@@ -1,10 +1,10 @@
-# The two commands: `make demo` and `make test` (`make test-fast` leaves out the slow tests). All build
+# The two commands: `make demo` and `make test` (`make test-all` adds the tests marked slow). All build
 # their own virtual environment (.venv, pinned versions from pyproject.toml) on first use.
 PY ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BACKENDS := tensorflow jax torch
 
-.PHONY: venv demo test test-fast
+.PHONY: venv demo test test-all
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -18,18 +18,19 @@ venv: $(VENV)/.installed
 demo: venv
 	KERAS_BACKEND=$${KERAS_BACKEND:-torch} TF_CPP_MIN_LOG_LEVEL=3 $(VENV)/bin/keras-convnext demo
 
-# The whole suite, once per backend, the three backends side by side: most of a test's time is
+# The suite without the tests marked slow (what CI runs), once per backend, the three backends side by side: most of a test's time is
 # single-threaded (tracing, XLA compiles, Python), so even on 2 cores this is much faster than in turn
 # (docs/testing.md has the figures).
 # Each backend's log is printed whole when all are done, ending in its 20 slowest tests (the list
 # tests/conftest.py marks slow is checked against them); `make test BACKENDS=torch` runs one.
 TESTS ?= tests
 PYTEST_ARGS ?=
+MARKS ?= -m "not slow"
 test: venv
 	@mkdir -p .test-logs; \
 	for b in $(BACKENDS); do \
 		echo "=== KERAS_BACKEND=$$b started $$(date +%T)"; \
-		( KERAS_BACKEND=$$b $(VENV)/bin/python -m pytest -q -p no:cacheprovider --durations=20 $(PYTEST_ARGS) $(TESTS) > .test-logs/$$b.log 2>&1; \
+		( KERAS_BACKEND=$$b $(VENV)/bin/python -m pytest -q -p no:cacheprovider --durations=20 $(MARKS) $(PYTEST_ARGS) $(TESTS) > .test-logs/$$b.log 2>&1; \
 		  echo $$? > .test-logs/$$b.rc; echo "=== KERAS_BACKEND=$$b finished $$(date +%T)" ) & \
 	done; \
 	wait; status=0; \
@@ -39,6 +40,7 @@ test: venv
 	done; \
 	exit $$status
 
-# The same run without the tests marked slow (tests/conftest.py: the digits training, full-size builds).
-test-fast:
-	@$(MAKE) --no-print-directory test PYTEST_ARGS='-m "not slow"'
+# The whole suite: also the tests marked slow (tests/conftest.py: the digits training runs, the full-size
+# builds, the multi-process kill tests).
+test-all:
+	@$(MAKE) --no-print-directory test MARKS=

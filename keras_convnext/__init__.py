@@ -21,10 +21,12 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "keras_convnext.backend_ops": (),
     "keras_convnext.layers": ("ConvNeXtBlock", "ConvNeXtDownsample", "ConvNeXtPreprocessing", "ConvNeXtStage",
-                              "StochasticDepth"),
+                              "GlobalResponseNorm", "StochasticDepth"),
     "keras_convnext.model": ("ConvNeXt", "ConvNeXtAtto", "ConvNeXtBase", "ConvNeXtFemto", "ConvNeXtLarge",
                              "ConvNeXtModel", "ConvNeXtNano", "ConvNeXtPico", "ConvNeXtSmall", "ConvNeXtTiny",
-                             "ConvNeXtXLarge", "feature_pyramid"),
+                             "ConvNeXtXLarge", "ConvNeXtV2", "ConvNeXtV2Atto", "ConvNeXtV2Base", "ConvNeXtV2Femto",
+                             "ConvNeXtV2Huge", "ConvNeXtV2Large", "ConvNeXtV2Nano", "ConvNeXtV2Pico",
+                             "ConvNeXtV2Small", "ConvNeXtV2Tiny", "feature_pyramid"),
     "keras_convnext.preprocessing": ("ImageReadError", "decode_image_bytes", "decode_predictions", "eval_transform",
                                      "imagenet_classes", "load_image", "normalize_pixels", "preprocess_input"),
     "keras_convnext.presets": ("Preset", "get_preset", "list_presets"),
@@ -33,6 +35,7 @@ _EXPORTS = {
     "keras_convnext.weights": ("DownloadError", "convert", "fetch_preset"),
     "keras_convnext.export": ("export",),
     "keras_convnext.recipes": ("AdamWLayerDecay", "Recipe", "get_recipe", "list_recipes"),
+    "keras_convnext.fcmae": ("FCMAE", "RandomPatchMask", "masked_count", "patchify", "reconstruction_loss"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 

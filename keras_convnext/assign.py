@@ -18,15 +18,38 @@ from keras_convnext.variants import VARIANTS
 def assign(model, layers, source, head_init_scale=1.0):
     """Assigns a flat-form checkpoint to `model`, strictly; returns a list of notes for the user.
 
-    A head of another class count is left fresh (noted); a 3-channel stem is adapted to the
-    model's input channels by timm's rule (`remap.adapt_stem`, noted). Anything else that does
-    not fit is a CheckpointError naming `source` and the tensor.
+    A head of another class count is left fresh (noted); so are the head and the final norm a
+    checkpoint has none of (an encoder, as FCMAE's, fine-tuned as the official code does: pool ->
+    fresh norm -> fresh head); a 3-channel stem is adapted to the model's input channels by timm's
+    rule (`remap.adapt_stem`, noted). Anything else that does not fit is a CheckpointError naming
+    `source` and the tensor; a checkpoint of the other family (ConvNeXt into ConvNeXt V2 or the
+    reverse) is one line naming what the file holds and the builder to use.
     """
     target = variables_by_module(model)
     notes = []
     # Without its top the model has no head (and, with pooling=None, no head norm) to fill.
     unused = {"head", "norm"} - set(target)
-    depths, dims, classes = remap.architecture_of(layers)
+    arch = remap.architecture_of(layers, source)
+    depths, dims, classes = arch
+    # The model's family from its variables: a GRN in its blocks is V2 (whatever wraps the ConvNeXt).
+    version = 2 if any(re.fullmatch(r"stages_\d_\d+_grn", n) for n in target) else 1
+    if version != arch.version:
+        raise CheckpointError(
+            f"{source}: the checkpoint holds {arch.family} weights ("
+            f"{'GRN in every block' if arch.version == 2 else 'layer scales, no GRN'}), the model is a "
+            f"{'ConvNeXt V2' if version == 2 else 'ConvNeXt'}: build it with "
+            f"{_variant_name(depths, dims, arch.version)}."
+        )
+    # Whole modules the file has none of (an encoder's head, FCMAE's final norm) start fresh; a module
+    # the file holds in part is still a missing tensor below.
+    fresh = [name for name in ("norm", "head") if name in target and name not in layers]
+    if fresh:
+        for name in fresh:
+            target.pop(name)
+        what = " and ".join({"norm": "final norm", "head": f"head (head_init_scale={head_init_scale})"}[n]
+                            for n in fresh)
+        notes.append(f"the checkpoint holds no {' or '.join(n if n == 'head' else 'final norm' for n in fresh)} "
+                     f"(an encoder, as FCMAE's): loaded the backbone and started a fresh {what}")
     model_head = target.get("head", {}).get("weight")
     if model_head is not None and classes is not None and model_head.shape[-1] != classes:
         unused.add("head")
@@ -42,7 +65,7 @@ def assign(model, layers, source, head_init_scale=1.0):
         raise CheckpointError(
             f"{source}: the checkpoint holds a ConvNeXt with depths {depths} and dims {dims}, the "
             f"model has depths {want_depths} and dims {want_dims}: pick the matching variant "
-            f"({_variant_name(depths, dims)})."
+            f"({_variant_name(depths, dims, arch.version)})."
         )
     for name, params in layers.items():
         if name in unused:
@@ -86,8 +109,9 @@ def read_model(model, source):
     return slots.layers
 
 
-def _variant_name(depths, dims):
+def _variant_name(depths, dims, version=1):
+    """The builder of a checkpoint's shape and family, for messages."""
     for v in VARIANTS.values():
-        if (v.depths, v.dims) == (tuple(depths), tuple(dims)):
+        if (v.depths, v.dims, v.version) == (tuple(depths), tuple(dims), version):
             return v.builder_name
-    return "ConvNeXt(depths, dims) with these values"
+    return f"{'ConvNeXtV2' if version == 2 else 'ConvNeXt'}(depths, dims) with these values"

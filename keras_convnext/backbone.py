@@ -1,4 +1,5 @@
-"""ConvNeXt (Liu et al., "A ConvNet for the 2020s", CVPR 2022) as one Keras 3 model class.
+"""ConvNeXt (Liu et al., "A ConvNet for the 2020s", CVPR 2022) and ConvNeXt V2 (Woo et al., CVPR 2023) as one
+Keras 3 model class.
 
 `ConvNeXtModel` is a functional `keras.Model` whose config is its constructor arguments (depths,
 dims, include_top, ...), as keras-hub's backbones: `get_config`/`from_config`, `.keras` files and
@@ -15,6 +16,7 @@ from keras_convnext.layers import LN_EPS, ConvNeXtPreprocessing, ConvNeXtStage, 
 from keras_convnext.variants import MIN_IMAGE_SIZE, VARIANTS
 
 POOLINGS = (None, "avg", "max")
+VERSIONS = (1, 2)  # ConvNeXt (Liu et al. 2022), ConvNeXt V2 (Woo et al. 2023)
 MIN_SIZE = MIN_IMAGE_SIZE
 # keras.applications.convnext's own message, then how to switch in code.
 CHANNELS_FIRST = (
@@ -54,23 +56,24 @@ class ConvNeXtModel(keras.Model):
     the stem or downsampling, then the blocks) -> `avg_pool`/`max_pool` -> `norm` -> `head` ->
     `predictions`. Arguments as `ConvNeXt` (without `weights`), plus `mean`/`std` of the
     preprocessing (the weights' statistics; ImageNet's by default), `norm_epsilon` of the head's
-    LayerNorm (1e-6; Hugging Face checkpoints use their config's) and `input_tensor`, a `keras.Input`
-    to start from. Build it through the builders, which also load weights.
+    LayerNorm (1e-6; Hugging Face checkpoints use their config's), `input_tensor`, a `keras.Input`
+    to start from, and `version`: 1 for ConvNeXt, 2 for ConvNeXt V2 (GRN in every block, no layer
+    scale: `layer_scale_init_value=None`). Build it through the builders, which also load weights.
     """
 
     def __init__(self, depths, dims, include_top=True, include_preprocessing=True, input_shape=None, pooling=None,
                  classes=1000, classifier_activation="softmax", drop_path_rate=0.0, layer_scale_init_value=1e-6,
                  head_init_scale=1.0, mean=None, std=None, norm_epsilon=LN_EPS, input_tensor=None, name=None,
-                 **kwargs):
+                 version=1, **kwargs):
         if keras.config.image_data_format() == "channels_first":
             raise ValueError(f"{CHANNELS_FIRST} Received: image_data_format='channels_first'")
         shape = check_args(depths, dims, include_top, include_preprocessing, input_tensor, input_shape, pooling,
                             classes, classifier_activation, name, drop_path_rate, layer_scale_init_value,
-                            head_init_scale)
+                            head_init_scale, version)
         depths, dims = tuple(int(d) for d in depths), tuple(int(d) for d in dims)
         if shape is None:
             shape = (224, 224, 3) if include_top else (None, None, 3)
-        variant = variant_of(depths, dims)
+        variant = variant_of(depths, dims, version)
         inputs = input_tensor if input_tensor is not None else keras.Input(shape=shape, name="images")
         x = inputs
         if include_preprocessing:
@@ -78,7 +81,7 @@ class ConvNeXtModel(keras.Model):
                                       channel_stats(presets_lib.IMAGENET_STD if std is None else std, shape[-1]),
                                       name="preprocessing")(x)
         for stage, (dim, rates) in enumerate(zip(dims, drop_path_rates(depths, drop_path_rate))):
-            x = ConvNeXtStage(dim, rates, layer_scale_init_value, stem=stage == 0,
+            x = ConvNeXtStage(dim, rates, layer_scale_init_value, stem=stage == 0, grn=version == 2,
                               name=names.STAGE.format(stage))(x)
         if include_top or pooling is not None:
             pool = keras.layers.GlobalMaxPooling2D if pooling == "max" else keras.layers.GlobalAveragePooling2D
@@ -91,7 +94,9 @@ class ConvNeXtModel(keras.Model):
                                    bias_initializer=HostConstant(0.0), name="head")(x)
             # A float32 activation: mixed-precision models still return float32 probabilities.
             x = keras.layers.Activation(classifier_activation, dtype="float32", name="predictions")(x)
-        super().__init__(inputs, x, name=name or (f"convnext_{variant}" if variant else "convnext"), **kwargs)
+        default_name = VARIANTS[variant].timm_name if variant else ("convnextv2" if version == 2 else "convnext")
+        super().__init__(inputs, x, name=name or default_name, **kwargs)
+        self.version = version
         self.depths, self.dims = depths, dims
         self.include_top, self.include_preprocessing, self.pooling = include_top, include_preprocessing, pooling
         self.image_shape = tuple(shape)
@@ -124,8 +129,8 @@ class ConvNeXtModel(keras.Model):
 
     @property
     def variant(self):
-        """The named variant of these depths and dims ("tiny", ...), or None for a custom one."""
-        return variant_of(self.depths, self.dims)
+        """The named variant of these depths, dims and version ("tiny", "convnextv2_tiny", ...), or None."""
+        return variant_of(self.depths, self.dims, self.version)
 
     @property
     def stages(self):
@@ -142,7 +147,7 @@ class ConvNeXtModel(keras.Model):
             "input_shape": list(self.image_shape), "pooling": self.pooling, "classes": self.classes,
             "classifier_activation": activation, "drop_path_rate": self.drop_path_rate,
             "layer_scale_init_value": self.layer_scale_init_value, "head_init_scale": self.head_init_scale,
-            "mean": self.mean, "std": self.std, "norm_epsilon": self.norm_epsilon,
+            "mean": self.mean, "std": self.std, "norm_epsilon": self.norm_epsilon, "version": self.version,
         }
 
     @classmethod
@@ -179,8 +184,13 @@ class ConvNeXtModel(keras.Model):
 
 
 def check_args(depths, dims, include_top, include_preprocessing, input_tensor, input_shape, pooling, classes,
-                classifier_activation, name, drop_path_rate, layer_scale_init_value, head_init_scale):
+                classifier_activation, name, drop_path_rate, layer_scale_init_value, head_init_scale, version=1):
     """Every argument checked before any work; returns the resolved input shape (None: the default)."""
+    if not isinstance(version, int) or isinstance(version, bool) or version not in VERSIONS:
+        raise ValueError(f"`version` must be 1 (ConvNeXt) or 2 (ConvNeXt V2). Received: version={version!r}")
+    if version == 2 and layer_scale_init_value:
+        raise ValueError("ConvNeXt V2 has no layer scale (GRN replaces it): pass layer_scale_init_value=None. "
+                         f"Received: layer_scale_init_value={layer_scale_init_value!r}")
     if not isinstance(depths, (list, tuple)) or not isinstance(dims, (list, tuple)) or len(depths) != 4 or (
             len(dims) != 4):
         raise ValueError(
@@ -236,9 +246,9 @@ def check_args(depths, dims, include_top, include_preprocessing, input_tensor, i
     return shape
 
 
-def variant_of(depths, dims):
-    """The name of the variant with these depths and dims, or None."""
+def variant_of(depths, dims, version=1):
+    """The name of the variant with these depths, dims and version, or None."""
     for variant in VARIANTS.values():
-        if tuple(depths) == variant.depths and tuple(dims) == variant.dims:
+        if tuple(depths) == variant.depths and tuple(dims) == variant.dims and variant.version == version:
             return variant.name
     return None

@@ -80,11 +80,11 @@ def _time_keras(spec):
         keras.config.set_dtype_policy(spec.precision)
     shape = (spec.image_size, spec.image_size, 3)
     if spec.impl == "keras_convnext":
-        from keras_convnext.model import ConvNeXt
+        from keras_convnext import model as model_lib
 
         v = VARIANTS[spec.variant]
-        model = ConvNeXt(v.depths, v.dims, weights=None, input_shape=shape,
-                         drop_path_rate=v.drop_path_rate if spec.mode == "training" else 0.0)
+        model = getattr(model_lib, v.builder_name)(weights=None, input_shape=shape,
+                                                   drop_path_rate=v.drop_path_rate if spec.mode == "training" else 0.0)
     else:
         name = VARIANTS[spec.variant].builder_name
         model = getattr(keras.applications, name)(weights=None, input_shape=shape)
@@ -114,7 +114,7 @@ def _time_timm(spec):
     import timm
     import torch
 
-    model = timm.create_model(f"convnext_{spec.variant}", pretrained=False)
+    model = timm.create_model(VARIANTS[spec.variant].timm_name, pretrained=False)
     model.train(spec.mode == "training")
     if spec.impl == "timm_compile":
         model = torch.compile(model)
@@ -181,6 +181,8 @@ def measure(spec, timeout=1800):
 def plan(variant="tiny", image_size=224, batch_size=16, precisions=("float32",), modes=MODES,
          backends=None, peers=True, steps=6, warmup=2):
     """The list of `Spec`s one benchmark run measures."""
+    if variant not in VARIANTS:
+        raise ValueError(f"Unknown variant. Valid values: {', '.join(VARIANTS)}. Received: variant={variant!r}")
     backends = backends or [keras.backend.backend()]
     if warmup < 1 or steps < 1:
         raise ValueError("A benchmark needs at least one warm-up batch (compilation) and one timed batch. "
@@ -197,7 +199,7 @@ def plan(variant="tiny", image_size=224, batch_size=16, precisions=("float32",),
             impls = [("timm", "torch"), ("timm_compile", "torch")] if peers else []
             for backend in backends:
                 impls.append(("keras_convnext", backend))
-                if peers:
+                if peers and VARIANTS[variant].version == 1:  # keras.applications has no ConvNeXt V2
                     impls.append(("keras_applications", backend))
             specs += [Spec(impl, backend, mode=mode, precision=precision, **common) for impl, backend in impls]
     return specs

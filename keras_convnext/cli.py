@@ -12,7 +12,8 @@ from keras_convnext.variants import VARIANTS
 
 VARIANT_NAMES = tuple(VARIANTS)
 # The names of recipes.RECIPES, which imports Keras (tests/test_cli.py checks that the two agree).
-RECIPE_NAMES = ("in1k", "in22k", "in22k_ft_in1k", "ft_384", "finetune")
+RECIPE_NAMES = ("in1k", "in22k", "in22k_ft_in1k", "ft_384", "finetune", "fcmae", "fcmae_ft_atto", "fcmae_ft_tiny",
+                "fcmae_ft_base")
 
 
 def _cmd_demo(args):
@@ -40,6 +41,15 @@ def _cmd_predict(args):
 
 
 def _cmd_convert(args):
+    if args.format == "keras_hub":
+        try:
+            from keras_convnext.hub import save_preset
+        except ImportError as e:  # the optional extra: one line, as any other bad input
+            raise ValueError(str(e)) from e
+
+        path = save_preset(args.src, args.dst, variant=args.variant, overwrite=args.overwrite)
+        print(f"wrote {path} (a keras-hub preset folder)")
+        return
     from keras_convnext.weights import convert
 
     path = convert(args.src, args.dst, variant=args.variant, overwrite=args.overwrite)
@@ -107,8 +117,16 @@ def _cmd_train(args):
     if args.json:
         print(json.dumps(result))
         return
+    title = VARIANTS[args.variant].title
+    if "encoder" in result:  # FCMAE pre-training: no labels, no accuracy
+        print(f"{title}, FCMAE pre-training ({result['recipe']}), {result['epochs']} epochs ({result['train_images']} "
+              f"images, batch {result['batch_size']}, {result['image_size']} px, {result['mask_ratio']:.0%} of "
+              f"patches masked): loss {result['loss']:.4f}, {result['seconds']:.0f} s")
+        print(f"wrote {result['encoder']} (the encoder, to fine-tune with --preset), {result['model']}, "
+              f"{result['history']}, {result['curves']}")
+        return
     print(
-        f"ConvNeXt-{args.variant.capitalize()}, recipe {result['recipe']}, {result['epochs']} epochs "
+        f"{title}, recipe {result['recipe']}, {result['epochs']} epochs "
         f"({result['train_images']} images, batch {result['batch_size']}, {result['image_size']} px): "
         f"held-out accuracy {result['accuracy']:.4f}, loss {result['loss']:.4f}, {result['seconds']:.0f} s"
     )
@@ -153,9 +171,13 @@ def build_parser():
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_predict)
 
-    p = add("convert", help="convert a checkpoint to a Keras .weights.h5 or .keras file")
+    p = add("convert", help="convert a checkpoint to a Keras .weights.h5 or .keras file, or a keras-hub preset")
     p.add_argument("src", metavar="SRC", help="checkpoint file or preset name")
-    p.add_argument("dst", metavar="DST", help="output path ending in .weights.h5 or .keras")
+    p.add_argument("dst", metavar="DST", help="output path ending in .weights.h5 or .keras; with --format "
+                                              "keras_hub, the preset folder")
+    p.add_argument("--format", choices=["keras", "keras_hub"], default="keras",
+                   help="keras (default: .keras or .weights.h5 by DST's suffix) or keras_hub (a preset folder "
+                        "for keras_hub's from_preset; needs the hub extra)")
     p.add_argument("--variant", choices=VARIANT_NAMES,
                    help="check that SRC holds this variant (its architecture is read from the file)")
     p.add_argument("--overwrite", action="store_true")
@@ -164,8 +186,11 @@ def build_parser():
     p = add("train", help="train or fine-tune with the paper's recipes under model.fit",
                        description="Train a ConvNeXt with a recipe. Writes OUT/model.keras (the evaluated "
                                    "weights: EMA when the recipe keeps one), OUT/history.csv, OUT/curves.png, "
-                                   "OUT/classes.json; an interrupted run resumes from OUT/backup.")
-    p.add_argument("data", metavar="DATA_DIR", help="folder with one sub-folder of images per class, or a TFDS name")
+                                   "OUT/classes.json; an interrupted run resumes from OUT/backup. --recipe fcmae "
+                                   "pre-trains a ConvNeXt V2 on unlabelled images and writes OUT/encoder.keras "
+                                   "(fine-tune it with --preset OUT/encoder.keras) and OUT/fcmae.keras.")
+    p.add_argument("data", metavar="DATA_DIR", help="folder with one sub-folder of images per class, or a TFDS name; "
+                                                    "for --recipe fcmae, any folder of images (no labels)")
     p.add_argument("--variant", default="atto", choices=VARIANT_NAMES)
     p.add_argument("--recipe", default="finetune", choices=RECIPE_NAMES)
     p.add_argument("--preset", help="weights to start from: preset name, 'imagenet' or a checkpoint file "

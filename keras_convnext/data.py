@@ -76,6 +76,29 @@ def image_folder(directory):
     return paths, labels, class_names
 
 
+def image_files(directory):
+    """Every image file under a folder, at any depth, sorted: FCMAE's unlabelled data (folder names are ignored).
+
+    A flat folder of images and a folder of class folders both work; an empty one says so.
+    """
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        raise ValueError(f"`data` must be a folder of images (at any depth). Received: data={directory!r}")
+    paths = []
+    for root, folders, names in os.walk(directory, onerror=_raise):
+        folders.sort()
+        paths += [os.path.join(root, n) for n in sorted(names)
+                  if n.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(root, n))]
+    if not paths:
+        raise ValueError(f"The data folder holds no images ({', '.join(IMAGE_EXTENSIONS)}) at any depth. "
+                         f"Received: data={directory!r}")
+    return paths
+
+
+def _raise(error):
+    raise ValueError(f"Cannot read the data folder ({error}). Received: data={error.filename!r}") from error
+
+
 def check_images(paths, labels, class_names, skip_bad_images=False, verbose=1, data=None):
     """Decodes every image once (threads), so that an unreadable file stops nothing mid-epoch.
 
@@ -615,6 +638,17 @@ def train_dataset(source, recipe, num_classes, image_size=None, batch_size=None,
 
         ds = ds.map(mixed, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def pretrain_dataset(paths, recipe, image_size=None, batch_size=None, seed=0, drop_remainder=True):
+    """FCMAE's pipeline: batches of float32 [0, 255] images, no labels (the recipe's crop and flip).
+
+    `train_dataset` with the labels dropped: the official pre-training augments with a random-resized
+    crop (scale (0.2, 1.0), bicubic) and a horizontal flip only, which the `fcmae` recipe sets.
+    """
+    ds = train_dataset((list(paths), [0] * len(paths)), recipe, 1, image_size=image_size, batch_size=batch_size,
+                       seed=seed, drop_remainder=drop_remainder)
+    return ds.map(lambda images, labels: images)
 
 
 def batch_mixer(recipe, seed=None):

@@ -84,12 +84,15 @@ def _load_model(model):
         return model, None
     model = os.fspath(model)
     if model in presets_lib.PRESETS:
-        from keras_convnext.model import ConvNeXt
+        from keras_convnext import model as model_lib
         from keras_convnext.variants import VARIANTS
 
         preset = presets_lib.PRESETS[model]
-        v = VARIANTS[preset.variant]
-        return ConvNeXt(v.depths, v.dims, weights=preset.name, classes=preset.classes), preset
+        if preset.classes is None:
+            raise ValueError(f"Preset {model!r} is an encoder without a classifier head (FCMAE pre-training): export "
+                             "needs a classifier; fine-tune it first. Received: model=" + repr(model))
+        builder = getattr(model_lib, VARIANTS[preset.variant].builder_name)
+        return builder(weights=preset.name, classes=preset.classes), preset
     if not os.path.isfile(model):
         raise ValueError(f"No .keras file or preset of that name. Received: model={model!r}")
     import keras_convnext.backbone  # noqa: F401  (registers ConvNeXtModel and its layers with the .keras loader)

@@ -246,6 +246,48 @@ class LayerNorm(keras.layers.LayerNormalization):
         return keras.ops.cast(out, self.compute_dtype)
 
 
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class GlobalResponseNorm(keras.layers.Layer):
+    """ConvNeXt V2's Global Response Normalization over channels-last maps (N, H, W, C).
+
+    As the official code (ConvNeXt-V2 `models/utils.py` GRN): `Gx = ||x||_2` over H and W per
+    sample and channel, `Nx = Gx / (mean_c(Gx) + epsilon)`, `y = gamma * (x * Nx) + beta + x`, with
+    `gamma` and `beta` of shape (C,) zero-initialised (the layer starts as the identity). The
+    statistics are computed in float32 whatever the compute dtype (the squares of float16
+    activations overflow above 256); the output, `x * (1 + gamma * Nx) + beta`, is one
+    multiply-add in the compute dtype. Keras ops only: the same graph jit-compiles on every backend.
+
+    Args:
+        epsilon: added to the channel mean of `Gx` (1e-6 as the official code).
+    """
+
+    def __init__(self, epsilon=1e-6, **kwargs):
+        super().__init__(**kwargs)
+        self.epsilon = checks.number("epsilon", epsilon, 0.0)
+
+    def build(self, input_shape):
+        if len(input_shape) != 4 or input_shape[-1] is None:
+            raise ValueError(f"GlobalResponseNorm takes (N, H, W, C) maps with known C. Received: input_shape={input_shape}")
+        channels = input_shape[-1]
+        self.gamma = self.add_weight(name="gamma", shape=(channels,), initializer=HostConstant(0.0))
+        self.beta = self.add_weight(name="beta", shape=(channels,), initializer=HostConstant(0.0))
+
+    def call(self, inputs):
+        x32 = ops.cast(inputs, "float32")
+        gx = ops.sqrt(ops.sum(ops.square(x32), axis=(1, 2), keepdims=True))  # (N, 1, 1, C)
+        nx = gx / (ops.mean(gx, axis=-1, keepdims=True) + self.epsilon)
+        scale = 1.0 + ops.cast(self.gamma, "float32") * nx
+        return inputs * ops.cast(scale, inputs.dtype) + ops.cast(self.beta, inputs.dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"epsilon": self.epsilon})
+        return config
+
+
 # --- the ConvNeXt building blocks -------------------------------------------------------------
 
 LN_EPS = 1e-6  # every ConvNeXt LayerNorm, stem to head
@@ -267,6 +309,9 @@ def layer_norm(name, epsilon=LN_EPS, **kwargs):
 class ConvNeXtBlock(keras.layers.Layer):
     """One ConvNeXt block: dwconv 7x7 -> LayerNorm -> Dense 4C -> GELU -> Dense C -> scale -> drop path, + x.
 
+    With `grn=True`, ConvNeXt V2's block: a GlobalResponseNorm (`grn`) after the GELU, and no layer
+    scale (`layer_scale_init_value` must then be None or 0).
+
     A layer, as the official code's `Block`: its intermediates live only during its `call`. Its
     sublayers and variable are named as the official keys (`dwconv`, `norm`, `pwconv1`, `pwconv2`,
     `gamma`; `names.py`). At inference on PyTorch, with concrete tensors none of which needs a
@@ -277,14 +322,19 @@ class ConvNeXtBlock(keras.layers.Layer):
         dim: channels in and out.
         drop_path_rate: stochastic depth of the block's residual branch, in [0, 1).
         layer_scale_init_value: initial value of the layer scale `gamma` (0 or None: no layer scale).
+        grn: ConvNeXt V2's Global Response Normalization after the GELU.
     """
 
-    def __init__(self, dim, drop_path_rate=0.0, layer_scale_init_value=1e-6, **kwargs):
+    def __init__(self, dim, drop_path_rate=0.0, layer_scale_init_value=1e-6, grn=False, **kwargs):
         super().__init__(**kwargs)
         self.dim = checks.integer("dim", dim, minimum=1)
         self.drop_path_rate = checks.number("drop_path_rate", drop_path_rate, 0.0, 1.0, high_open=True)
         if layer_scale_init_value is not None:
             checks.number("layer_scale_init_value", layer_scale_init_value, 0.0)
+        self.grn = checks.boolean("grn", grn)
+        if self.grn and layer_scale_init_value:
+            raise ValueError("ConvNeXt V2's block (grn=True) has no layer scale: pass layer_scale_init_value=None. "
+                             f"Received: layer_scale_init_value={layer_scale_init_value!r}")
         self.layer_scale_init_value = layer_scale_init_value
         policy = {"dtype": self.dtype_policy}
         # A real depthwise op (not a grouped Conv2D), in each backend's fastest form (backend_ops).
@@ -294,6 +344,7 @@ class ConvNeXtBlock(keras.layers.Layer):
         # "gelu" is Keras's exact (erf) GELU, as the paper uses.
         self.pwconv1 = PointwiseDense(4 * self.dim, activation="gelu", kernel_initializer=kernel_init(),
                                       bias_initializer=HostConstant(0.0), name="pwconv1", **policy)
+        self.grn_layer = GlobalResponseNorm(name="grn", **policy) if self.grn else None
         self.pwconv2 = PointwiseDense(self.dim, kernel_initializer=kernel_init(), bias_initializer=HostConstant(0.0),
                                       name="pwconv2", **policy)
         self.drop_path = (StochasticDepth(self.drop_path_rate, name="drop_path", **policy)
@@ -305,14 +356,38 @@ class ConvNeXtBlock(keras.layers.Layer):
         self.dwconv.build(input_shape)
         self.norm.build(input_shape)
         self.pwconv1.build(input_shape)
+        if self.grn_layer is not None:
+            self.grn_layer.build(tuple(input_shape[:-1]) + (4 * self.dim,))
         self.pwconv2.build(tuple(input_shape[:-1]) + (4 * self.dim,))
         self.gamma = None
         if self.layer_scale_init_value:
             self.gamma = self.add_weight(name="gamma", shape=(self.dim,),
                                          initializer=HostConstant(self.layer_scale_init_value))
 
-    def call(self, inputs, training=None):
+    def call(self, inputs, training=None, keep=None):
+        """The block; `keep`, an optional (N, H, W, 1) 0/1 map, runs it as a sparse (masked) block.
+
+        With `keep` (FCMAE pre-training, fcmae.py) the block computes what the official sparse block
+        (MinkowskiEngine) computes on the kept ("active") positions, and zeros elsewhere. `inputs` must
+        already be zero where `keep` is 0: the 7x7 dwconv then sums active neighbours only, as the sparse
+        convolution does. LayerNorm and pwconv1 work per position, but their biases make masked positions
+        nonzero; those values must not reach GRN's L2 statistics (the sparse GRN sums over active sites
+        only) nor, through the residual, the next block's dwconv. So `x` is zeroed before the GRN and the
+        block's output is zeroed at the end.
+        """
         x = self.pwconv1(self.norm(self.dwconv(inputs)))
+        if keep is not None:
+            keep = ops.cast(keep, x.dtype)
+            if self.grn_layer is not None:
+                x = self.grn_layer(x * keep)
+            x = self.pwconv2(x)
+            if self.gamma is not None:
+                x = x * ops.cast(self.gamma, x.dtype)
+            if self.drop_path is not None:
+                x = self.drop_path(x, training=training)
+            return (inputs + x) * keep
+        if self.grn_layer is not None:
+            x = self.grn_layer(x)
         if self.gamma is not None and not (training and self.drop_path is not None):
             # (with no gradient needed anywhere in the block; a frozen block in training still drops its path)
             fused = self.pwconv2.scale_add(x, self.gamma, inputs)
@@ -331,7 +406,7 @@ class ConvNeXtBlock(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config.update({"dim": self.dim, "drop_path_rate": self.drop_path_rate,
-                       "layer_scale_init_value": self.layer_scale_init_value})
+                       "layer_scale_init_value": self.layer_scale_init_value, "grn": self.grn})
         return config
 
 
@@ -389,9 +464,10 @@ class ConvNeXtStage(keras.layers.Layer):
         drop_path_rates: each block's stochastic depth (their number is the stage's depth).
         layer_scale_init_value: the blocks' initial layer scale.
         stem: the first stage (its downsampling is the 4x4 stem).
+        grn: ConvNeXt V2's blocks (GlobalResponseNorm, no layer scale).
     """
 
-    def __init__(self, dim, drop_path_rates, layer_scale_init_value=1e-6, stem=False, **kwargs):
+    def __init__(self, dim, drop_path_rates, layer_scale_init_value=1e-6, stem=False, grn=False, **kwargs):
         super().__init__(**kwargs)
         if not isinstance(drop_path_rates, (list, tuple)) or not drop_path_rates:
             raise ValueError(f"`drop_path_rates` needs one rate per block. Received: drop_path_rates={drop_path_rates!r}")
@@ -399,9 +475,10 @@ class ConvNeXtStage(keras.layers.Layer):
         self.drop_path_rates = [float(rate) for rate in drop_path_rates]
         self.layer_scale_init_value = layer_scale_init_value
         self.stem = checks.boolean("stem", stem)
+        self.grn = checks.boolean("grn", grn)
         policy = {"dtype": self.dtype_policy}
         self.downsample = ConvNeXtDownsample(self.dim, stem=self.stem, name="downsample", **policy)
-        self.blocks = [ConvNeXtBlock(self.dim, rate, layer_scale_init_value, name=f"block_{j}", **policy)
+        self.blocks = [ConvNeXtBlock(self.dim, rate, layer_scale_init_value, grn=self.grn, name=f"block_{j}", **policy)
                        for j, rate in enumerate(self.drop_path_rates)]
 
     @property
@@ -414,10 +491,20 @@ class ConvNeXtStage(keras.layers.Layer):
         for block in self.blocks:
             block.build(shape)
 
-    def call(self, inputs, training=None):
+    def call(self, inputs, training=None, keep=None):
+        """The stage; `keep`, an optional (N, H, W, 1) 0/1 map at the stage's output resolution, masks it.
+
+        With `keep` the downsampling runs densely and its output is zeroed where `keep` is 0, then every
+        block runs masked (`ConvNeXtBlock.call`). This equals the official sparse encoder when `keep` is
+        constant on the windows the downsampling reads (FCMAE's 32 px patches: the stem's 4x4 windows
+        and every 2x2 window lie inside one patch), so that each output is computed from active inputs
+        only, or is masked itself.
+        """
         x = self.downsample(inputs)
+        if keep is not None:
+            x = x * ops.cast(keep, x.dtype)
         for block in self.blocks:
-            x = block(x, training=training)
+            x = block(x, training=training) if keep is None else block(x, training=training, keep=keep)
         return x
 
     def compute_output_shape(self, input_shape):
@@ -426,5 +513,6 @@ class ConvNeXtStage(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config.update({"dim": self.dim, "drop_path_rates": self.drop_path_rates,
-                       "layer_scale_init_value": self.layer_scale_init_value, "stem": self.stem})
+                       "layer_scale_init_value": self.layer_scale_init_value, "stem": self.stem,
+                       "grn": self.grn})
         return config

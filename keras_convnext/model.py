@@ -1,4 +1,5 @@
-"""The public builders: `ConvNeXt(depths, dims, weights=...)`, `ConvNeXtAtto` .. `ConvNeXtXLarge`, `feature_pyramid`.
+"""The public builders: `ConvNeXt(depths, dims, weights=...)`, `ConvNeXtAtto` .. `ConvNeXtXLarge`, `ConvNeXtV2` and
+`ConvNeXtV2Atto` .. `ConvNeXtV2Huge`, `feature_pyramid`.
 
 keras.applications' argument set and contract: every argument checked before any file is fetched,
 the weights resolved (a preset, "imagenet" or a file) and loaded into a `ConvNeXtModel` (backbone.py).
@@ -38,14 +39,17 @@ def _resolve_preset(weights, variant):
                 "weights='imagenet' needs one of the named variants' depths and dims; pass "
                 "weights=None or a file path for a custom ConvNeXt. Received: weights='imagenet'"
             )
+        if variant not in presets_lib.IMAGENET_DEFAULT:
+            raise ValueError(f"{VARIANTS[variant].title} has no published ImageNet weights: pass weights=None (random "
+                             "initialisation) or a file path. Received: weights='imagenet'")
         return presets_lib.PRESETS[presets_lib.IMAGENET_DEFAULT[variant]]
     if weights in presets_lib.PRESETS:
         preset = presets_lib.PRESETS[weights]
         if variant is not None and preset.variant != variant:
+            held = VARIANTS[preset.variant]
             raise ValueError(
-                f"Preset {weights!r} holds ConvNeXt-{preset.variant.capitalize()} weights, "
-                f"not {variant.capitalize()}: use ConvNeXt{preset.variant.capitalize()}. "
-                f"Received: weights={weights!r}"
+                f"Preset {weights!r} holds {held.title} weights, not {VARIANTS[variant].title}: use "
+                f"{held.builder_name}. Received: weights={weights!r}"
             )
         return preset
     if os.path.isdir(weights):
@@ -71,6 +75,7 @@ def ConvNeXt(
     drop_path_rate=0.0,
     layer_scale_init_value=1e-6,
     head_init_scale=1.0,
+    version=1,
 ):
     """Builds a ConvNeXt of any depths and widths as a functional `keras.Model`.
 
@@ -93,6 +98,7 @@ def ConvNeXt(
         drop_path_rate: stochastic depth of the last block; earlier blocks rise linearly from 0.
         layer_scale_init_value: initial layer scale (0 or None: no layer scale).
         head_init_scale: multiplies the initial head kernel (0.001 for fine-tuning, as in the paper).
+        version: 1 (ConvNeXt) or 2 (ConvNeXt V2; `ConvNeXtV2` builds it with no layer scale).
 
     Returns:
         A `keras.Model`.
@@ -100,9 +106,10 @@ def ConvNeXt(
     if keras.config.image_data_format() == "channels_first":
         raise ValueError(f"{CHANNELS_FIRST} Received: image_data_format='channels_first'")
     shape = check_args(depths, dims, include_top, include_preprocessing, input_tensor, input_shape, pooling, classes,
-                        classifier_activation, name, drop_path_rate, layer_scale_init_value, head_init_scale)
+                        classifier_activation, name, drop_path_rate, layer_scale_init_value, head_init_scale,
+                        version)
     _check_weights(weights)
-    preset = _resolve_preset(weights, variant_of(depths, dims))
+    preset = _resolve_preset(weights, variant_of(depths, dims, version))
     if shape is None:
         size = preset.image_size if preset else 224
         shape = (size, size, 3) if include_top else (None, None, 3)
@@ -113,7 +120,7 @@ def ConvNeXt(
         pooling=pooling, classes=classes, classifier_activation=classifier_activation, drop_path_rate=drop_path_rate,
         layer_scale_init_value=layer_scale_init_value, head_init_scale=head_init_scale,
         mean=preset.mean if preset else None, std=preset.std if preset else None,
-        input_tensor=input_tensor if starts_here else None, name=name,
+        input_tensor=input_tensor if starts_here else None, name=name, version=version,
     )
     if weights is not None:
         weights_lib.load_weights(model, weights, preset=preset, head_init_scale=head_init_scale)
@@ -123,29 +130,73 @@ def ConvNeXt(
     return model
 
 
+def ConvNeXtV2(
+    depths,
+    dims,
+    include_top=True,
+    include_preprocessing=True,
+    weights="imagenet",
+    input_tensor=None,
+    input_shape=None,
+    pooling=None,
+    classes=1000,
+    classifier_activation="softmax",
+    name=None,
+    drop_path_rate=0.0,
+    head_init_scale=1.0,
+):
+    """Builds a ConvNeXt V2 (Woo et al., CVPR 2023) of any depths and widths as a functional `keras.Model`.
+
+    ConvNeXt's arguments less the layer scale, which V2 drops: every block has a Global Response
+    Normalization (`GlobalResponseNorm`) after its GELU instead. `weights` takes the V2 presets
+    (`list_presets()`: their weights are licensed CC-BY-NC 4.0, non-commercial use only) and V2
+    checkpoint files of the official, timm and Hugging Face layouts.
+    """
+    return ConvNeXt(depths, dims, include_top=include_top, include_preprocessing=include_preprocessing,
+                    weights=weights, input_tensor=input_tensor, input_shape=input_shape, pooling=pooling,
+                    classes=classes, classifier_activation=classifier_activation, name=name,
+                    drop_path_rate=drop_path_rate, layer_scale_init_value=None, head_init_scale=head_init_scale,
+                    version=2)
+
+
 def _builder(variant_name):
     variant = VARIANTS[variant_name]
+    docs = (
+        f"{variant.title}: depths {variant.depths}, dims {variant.dims}, "
+        f"{variant.params:,} parameters with the 1000-class head, {variant.gmacs} GMACs at 224 px.\n\n"
+        f"Arguments as `{'ConvNeXtV2' if variant.version == 2 else 'ConvNeXt'}`; `drop_path_rate` defaults to the "
+        f"variant's recipe value ({variant.drop_path_rate}).\n"
+    )
 
-    def builder(include_top=True, include_preprocessing=True, weights="imagenet", input_tensor=None,
-                input_shape=None, pooling=None, classes=1000, classifier_activation="softmax",
-                name=None, drop_path_rate=None, layer_scale_init_value=1e-6, head_init_scale=1.0):
-        return ConvNeXt(
-            variant.depths, variant.dims, include_top=include_top,
-            include_preprocessing=include_preprocessing, weights=weights,
-            input_tensor=input_tensor, input_shape=input_shape, pooling=pooling, classes=classes,
-            classifier_activation=classifier_activation, name=name,
-            drop_path_rate=variant.drop_path_rate if drop_path_rate is None else drop_path_rate,
-            layer_scale_init_value=layer_scale_init_value, head_init_scale=head_init_scale,
-        )
+    if variant.version == 2:
+        def builder(include_top=True, include_preprocessing=True, weights="imagenet", input_tensor=None,
+                    input_shape=None, pooling=None, classes=1000, classifier_activation="softmax",
+                    name=None, drop_path_rate=None, head_init_scale=1.0):
+            return ConvNeXtV2(
+                variant.depths, variant.dims, include_top=include_top,
+                include_preprocessing=include_preprocessing, weights=weights,
+                input_tensor=input_tensor, input_shape=input_shape, pooling=pooling, classes=classes,
+                classifier_activation=classifier_activation, name=name,
+                drop_path_rate=variant.drop_path_rate if drop_path_rate is None else drop_path_rate,
+                head_init_scale=head_init_scale,
+            )
+        docs += "The V2 presets' weights are licensed CC-BY-NC 4.0 (non-commercial use only).\n"
+    else:
+        def builder(include_top=True, include_preprocessing=True, weights="imagenet", input_tensor=None,
+                    input_shape=None, pooling=None, classes=1000, classifier_activation="softmax",
+                    name=None, drop_path_rate=None, layer_scale_init_value=1e-6, head_init_scale=1.0):
+            return ConvNeXt(
+                variant.depths, variant.dims, include_top=include_top,
+                include_preprocessing=include_preprocessing, weights=weights,
+                input_tensor=input_tensor, input_shape=input_shape, pooling=pooling, classes=classes,
+                classifier_activation=classifier_activation, name=name,
+                drop_path_rate=variant.drop_path_rate if drop_path_rate is None else drop_path_rate,
+                layer_scale_init_value=layer_scale_init_value, head_init_scale=head_init_scale,
+            )
 
     builder.__name__ = variant.builder_name
     builder.__qualname__ = builder.__name__
-    builder.__doc__ = (
-        f"ConvNeXt-{variant_name.capitalize()}: depths {variant.depths}, dims {variant.dims}, "
-        f"{variant.params:,} parameters with the 1000-class head, {variant.gmacs} GMACs at 224 px.\n\n"
-        f"Arguments as `ConvNeXt`; `drop_path_rate` defaults to the variant's recipe value "
-        f"({variant.drop_path_rate}).\n"
-    )
+    builder.__doc__ = docs
     return builder
 
 
@@ -158,6 +209,15 @@ ConvNeXtSmall = _builder("small")
 ConvNeXtBase = _builder("base")
 ConvNeXtLarge = _builder("large")
 ConvNeXtXLarge = _builder("xlarge")
+ConvNeXtV2Atto = _builder("convnextv2_atto")
+ConvNeXtV2Femto = _builder("convnextv2_femto")
+ConvNeXtV2Pico = _builder("convnextv2_pico")
+ConvNeXtV2Nano = _builder("convnextv2_nano")
+ConvNeXtV2Tiny = _builder("convnextv2_tiny")
+ConvNeXtV2Small = _builder("convnextv2_small")
+ConvNeXtV2Base = _builder("convnextv2_base")
+ConvNeXtV2Large = _builder("convnextv2_large")
+ConvNeXtV2Huge = _builder("convnextv2_huge")
 
 
 def _stage_outputs(model):

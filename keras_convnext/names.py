@@ -7,7 +7,8 @@ official key (facebookresearch/ConvNeXt's `state_dict` names):
     stages_<i>/downsample/norm/gamma      <->  downsample_layers.<i>.<1 if i == 0 else 0>.weight
     stages_<i>/block_<j>/<sub>/kernel     <->  stages.<i>.<j>.<sub>.weight    (sub: dwconv, pwconv1, pwconv2)
     stages_<i>/block_<j>/norm/gamma       <->  stages.<i>.<j>.norm.weight
-    stages_<i>/block_<j>/gamma            <->  stages.<i>.<j>.gamma
+    stages_<i>/block_<j>/gamma            <->  stages.<i>.<j>.gamma         (V1's layer scale)
+    stages_<i>/block_<j>/grn/gamma|beta   <->  stages.<i>.<j>.grn.gamma|beta  (V2's GRN, official V2 names)
     norm/gamma, head/kernel, norm<k>/...  <->  norm.weight, head.weight, norm<k>.weight (the pyramid's norms)
 
 with `bias`/`beta` <-> `bias` throughout. Converters rename every other ecosystem's layout to the
@@ -26,11 +27,11 @@ _NORMS = re.compile(r"norm\d?")
 
 _PATH = re.compile(
     r"(?:^|/)(?:stages_(?P<stage>\d)/(?:downsample/(?P<down>conv|norm)|block_(?P<block>\d+)"
-    r"(?:/(?P<sub>dwconv|norm|pwconv1|pwconv2))?)|(?P<top>norm\d?|head))/(?P<var>kernel|bias|gamma|beta)$"
+    r"(?:/(?P<sub>dwconv|norm|pwconv1|pwconv2|grn))?)|(?P<top>norm\d?|head))/(?P<var>kernel|bias|gamma|beta)$"
 )
 _KEY = re.compile(
     r"(?:downsample_layers\.(?P<dstage>\d)\.(?P<dindex>[01])|stages\.(?P<stage>\d)\.(?P<block>\d+)"
-    r"(?:\.(?P<sub>dwconv|norm|pwconv1|pwconv2))?|(?P<top>norm\d?|head))\.(?P<param>weight|bias|gamma)"
+    r"(?:\.(?P<sub>dwconv|norm|pwconv1|pwconv2|grn))?|(?P<top>norm\d?|head))\.(?P<param>weight|bias|gamma|beta)"
 )
 
 
@@ -61,6 +62,8 @@ def official_key(path):
     prefix = f"stages.{stage}.{int(m['block'])}"
     if m["sub"] is None:
         return f"{prefix}.gamma" if var == "gamma" else None
+    if m["sub"] == "grn":
+        return f"{prefix}.grn.{var}" if var in ("gamma", "beta") else None
     if var not in (("gamma", "beta") if m["sub"] == "norm" else ("kernel", "bias")):
         return None
     return f"{prefix}.{m['sub']}.{_TO_TORCH[var]}"
@@ -72,6 +75,11 @@ def keras_path(key):
     if m is None:
         return None
     param = m["param"]
+    if m["sub"] == "grn":
+        grn = f"{STAGE.format(int(m['stage']))}/{BLOCK.format(int(m['block']))}/grn"
+        return f"{grn}/{param}" if param in ("gamma", "beta") else None
+    if param == "beta":
+        return None
     if m["top"]:
         if param == "gamma":
             return None
@@ -106,7 +114,8 @@ def variables_by_module(model):
     """{flat module name: {PyTorch param name: variable}} of every contract variable of `model`.
 
     The flat name is `keras_name` of the official module key (`stages_2_5_pwconv1`, `downsample_layers_0_0`,
-    `stages_2_5_gamma` for a layer scale, `norm`, `head`); variables outside the contract are left out.
+    `stages_2_5_gamma` for a layer scale, `stages_2_5_grn` with params gamma/beta for a GRN, `norm`, `head`);
+    variables outside the contract are left out.
     """
     out = {}
     for variable in model.weights:
@@ -114,7 +123,7 @@ def variables_by_module(model):
         if key is None:
             continue
         module, _, param = key.rpartition(".")
-        if param == "gamma":
+        if param == "gamma" and not module.endswith(".grn"):  # a layer scale: its own one-variable module
             module, param = key, "gamma"
         out.setdefault(keras_name(module), {})[param] = variable
     return out

@@ -45,8 +45,8 @@ def predict_files(paths, preset=None, weights=None, top=5, batch_size=8):
     images = np.stack([load_image(p, **transform) for p in paths])
 
     if weights is None:
-        variant = model_lib.VARIANTS[preset_obj.variant]
-        model = model_lib.ConvNeXt(variant.depths, variant.dims, weights=preset_obj.name)
+        builder = getattr(model_lib, model_lib.VARIANTS[preset_obj.variant].builder_name)
+        model = builder(weights=preset_obj.name)
     else:
         layers, info = weights_lib.read_weights(weights)
         if layers is None:
@@ -54,7 +54,8 @@ def predict_files(paths, preset=None, weights=None, top=5, batch_size=8):
                 "`predict --weights` takes a checkpoint or a .keras file, not a bare .weights.h5 "
                 f"(which holds no architecture). Received: weights={weights!r}"
             )
-        depths, dims, classes = weights_lib.architecture_of(layers)
+        architecture = weights_lib.architecture_of(layers)
+        depths, dims, classes = architecture
         if classes != 1000:
             raise ValueError(
                 "`predict` names ImageNet-1k classes; this checkpoint's head has "
@@ -66,7 +67,10 @@ def predict_files(paths, preset=None, weights=None, top=5, batch_size=8):
                 f"`predict` classifies RGB images; this checkpoint's stem takes {channels} input channels. "
                 f"Received: weights={weights!r}"
             )
-        model = model_lib.ConvNeXt(depths, dims, weights=weights)
+        if architecture.version == 2:
+            model = model_lib.ConvNeXtV2(depths, dims, weights=weights)
+        else:
+            model = model_lib.ConvNeXt(depths, dims, weights=weights)
     probs = model.predict(images, batch_size=batch_size, verbose=0)
     return [
         {"image": str(path),

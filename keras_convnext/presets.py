@@ -1,8 +1,11 @@
 """The preset registry: every public ConvNeXt checkpoint, with the facts that travel with it.
 
-Names follow timm's tags (`convnext_tiny.fb_in22k_ft_in1k`). Each entry carries its source,
-its integrity check and the preprocessing its numbers were measured with, so no call site
-re-types a mean, a crop fraction or a resolution. Facts from ../shared/WEIGHTS.md.
+Names follow timm's tags (`convnext_tiny.fb_in22k_ft_in1k`, `convnextv2_tiny.fcmae_ft_in1k`). Each
+entry carries its source, its integrity check, its licence and the preprocessing its numbers were
+measured with, so no call site re-types a mean, a crop fraction or a resolution. Facts from
+../shared/WEIGHTS.md and ../shared/CONVNEXT.md ("ConvNeXt V2"); the V2 URLs and eval settings are
+timm's `convnextv2_*` default configs. ConvNeXt V2's weights are licensed CC-BY-NC 4.0
+(non-commercial use only), which every place that shows a preset says.
 """
 
 import dataclasses
@@ -11,6 +14,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 FB_URL = "https://dl.fbaipublicfiles.com/convnext/"
+FB_V2_URL = "https://dl.fbaipublicfiles.com/convnext/convnextv2/"  # facebookresearch/ConvNeXt-V2's releases
 TIMM_RELEASE_URL = (
     "https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-rsb-weights/"
 )
@@ -24,7 +28,7 @@ class Preset:
     variant: str
     url: str
     format: str  # "official", "timm" or "keras_h5"
-    classes: int
+    classes: int | None  # None: an encoder, no head (ConvNeXt V2's `.fcmae`)
     image_size: int
     crop_pct: float
     top1: float | None
@@ -36,6 +40,26 @@ class Preset:
     interpolation: str = "bicubic"
     mean: tuple = IMAGENET_MEAN
     std: tuple = IMAGENET_STD
+    # The original release `url` was converted from (timm's hub copies of the ConvNeXt V2 files), for reference.
+    source_url: str | None = None
+
+    @property
+    def version(self):
+        """1 for ConvNeXt weights, 2 for ConvNeXt V2 weights."""
+        return 2 if self.variant.startswith("convnextv2_") else 1
+
+    @property
+    def non_commercial(self):
+        return self.license.startswith("CC-BY-NC")
+
+    @property
+    def description(self):
+        """One line for listings: what the preset is, its figures and its licence."""
+        top1 = f"top-1 {self.top1}" if self.top1 is not None else "no top-1" if self.classes is None else (
+            "top-1 not stated")
+        classes = "an encoder (no head)" if self.classes is None else f"{self.classes} classes"
+        licence = f"licence {self.license}" + (" (non-commercial use only)" if self.non_commercial else "")
+        return (f"{self.name}: {classes}, {self.image_size} px / crop {self.crop_pct}, {top1}, {licence}")
 
     @property
     def crop_mode(self):
@@ -45,6 +69,9 @@ class Preset:
     @property
     def dataset(self):
         return "imagenet-22k" if self.classes == 21841 else "imagenet-1k"
+
+
+V2_LICENSE = "CC-BY-NC-4.0"
 
 
 def _official():
@@ -111,7 +138,34 @@ def _keras():
                      notop_url=base + "_notop.h5", notop_sha256=notop_sha)
 
 
-PRESETS = {p.name: p for p in (*_official(), *_timm(), *_keras())}
+def _v2():
+    """ConvNeXt V2 (facebookresearch/ConvNeXt-V2), from timm's Hugging Face copies (safetensors, timm keys).
+
+    (tag, official file, size, crop, top-1 per size); timm converted each from the official file.
+    The `.fcmae` encoders hold no head (and no top-1): fine-tune them (`include_top=True` starts a fresh
+    norm and head). Top-1: CONVNEXT.md ("ConvNeXt V2"). No hash is published for these files.
+    """
+    table = [
+        ("fcmae", "pt_only/{v}_1k_224_fcmae.pt", 224, 0.875, None,
+         dict.fromkeys(("atto", "femto", "pico", "nano", "tiny", "base", "large", "huge"))),
+        ("fcmae_ft_in1k", "im1k/{v}_1k_224_ema.pt", 224, 0.875, 1000,
+         {"atto": 76.7, "femto": 78.5, "pico": 80.3, "nano": 81.9, "tiny": 83.0, "base": 84.9, "large": 85.8,
+          "huge": 86.3}),
+        ("fcmae_ft_in22k_in1k", "im22k/{v}_22k_224_ema.pt", 224, 0.875, 1000,
+         {"nano": 82.1, "tiny": 83.9, "base": 86.8, "large": 87.3}),
+        ("fcmae_ft_in22k_in1k_384", "im22k/{v}_22k_384_ema.pt", 384, 1.0, 1000,
+         {"nano": 83.4, "tiny": 85.1, "base": 87.7, "large": 88.2, "huge": 88.7}),
+        ("fcmae_ft_in22k_in1k_512", "im22k/{v}_22k_512_ema.pt", 512, 1.0, 1000, {"huge": 88.9}),
+    ]
+    for tag, pattern, size, crop, classes, scores in table:
+        for size_name, top1 in scores.items():
+            variant = f"convnextv2_{size_name}"
+            name = f"{variant}.{tag}"
+            yield Preset(name, variant, HF_URL.format(tag=name), "timm", classes, size, crop, top1, V2_LICENSE,
+                         source_url=FB_V2_URL + pattern.format(v=variant))
+
+
+PRESETS = {p.name: p for p in (*_official(), *_timm(), *_keras(), *_v2())}
 
 # weights="imagenet": the best 1000-class 224 px checkpoint of each variant.
 IMAGENET_DEFAULT = {
@@ -120,15 +174,49 @@ IMAGENET_DEFAULT = {
     "pico": "convnext_pico.d1_in1k",
     "nano": "convnext_nano.d1h_in1k",
     **{v: f"convnext_{v}.fb_in22k_ft_in1k" for v in ("tiny", "small", "base", "large", "xlarge")},
+    # ConvNeXt V2 (CC-BY-NC 4.0): 22k fine-tuned where a 224 px one exists, else 1k; Small has none.
+    **{f"convnextv2_{v}": f"convnextv2_{v}.fcmae_ft_in1k" for v in ("atto", "femto", "pico", "huge")},
+    **{f"convnextv2_{v}": f"convnextv2_{v}.fcmae_ft_in22k_in1k" for v in ("nano", "tiny", "base", "large")},
 }
 
 
 def list_presets(variant=None):
-    """Returns the registry as a list of `Preset`s, optionally for one variant ("tiny")."""
+    """Returns the registry as a list of `Preset`s, optionally for one variant ("tiny", "convnextv2_tiny").
+
+    Each carries its `license`; the ConvNeXt V2 ones are CC-BY-NC 4.0 (non-commercial use only):
+    `preset.description` says so in one line.
+    """
     presets = list(PRESETS.values())
     if variant is not None:
         presets = [p for p in presets if p.variant == variant]
     return presets
+
+
+def _source(preset):
+    if preset.version == 2:
+        return "facebookresearch (ConvNeXt-V2), via timm"
+    return {"official": "facebookresearch", "timm": "timm", "keras_h5": "keras.applications"}[preset.format]
+
+
+def _integrity(preset):
+    if preset.sha256:
+        return "sha256"
+    return f"sha256 prefix {preset.sha256_prefix}" if preset.sha256_prefix else "none published"
+
+
+def table(presets=None):
+    """The registry as the Markdown table the README shows (preset, variant, classes, size / crop, top-1,
+    licence, source, integrity), one row per preset."""
+    rows = ["| preset | variant | classes | size / crop | top-1 (reported) | licence | source | integrity |",
+            "|---|---|---|---|---|---|---|---|"]
+    for p in PRESETS.values() if presets is None else presets:
+        classes = "none (encoder)" if p.classes is None else str(p.classes)
+        top1 = (str(p.top1) if p.top1 is not None else "n/a (encoder)" if p.classes is None
+                else "n/a (22k head)" if p.classes == 21841 else "not stated")
+        licence = f"{p.license} (non-commercial)" if p.non_commercial else p.license
+        rows.append(f"| `{p.name}` | {p.variant} | {classes} | {p.image_size} / {p.crop_pct} | {top1} | {licence} | "
+                    f"{_source(p)} | {_integrity(p)} |")
+    return "\n".join(rows)
 
 
 def get_preset(name):

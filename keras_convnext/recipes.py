@@ -23,6 +23,7 @@ from keras_convnext.variants import MIN_IMAGE_SIZE, VARIANTS
 # averages over ~1/(1 - 0.9999) = 10,000 steps, ~11% of it; shorter runs keep that fraction.
 EMA_REFERENCE_STEPS = 300 * 313
 NUM_LAYER_GROUPS = 12  # the official layer-decay grouping of a (3, 3, 27, 3) network
+LAYER_DECAY_TYPES = ("group", "single")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +44,9 @@ class Recipe:
     beta_2: float = 0.999
     epsilon: float = 1e-8
     layer_decay: float = None  # None: one learning rate for all layers
+    # "group": the official 12 groups of three blocks (V1, V2 Base and larger); "single": one group per block
+    # (ConvNeXt-V2's fine-tuning of Atto and Tiny; `optim_factory.get_num_layer_for_convnext_single`).
+    layer_decay_type: str = "group"
     label_smoothing: float = 0.1
     drop_path_rate: object = None  # a float, a {variant: float} dict, or None (the variant's default)
     head_init_scale: float = 1.0
@@ -62,6 +66,13 @@ class Recipe:
     mixup_switch_prob: float = 0.5  # per batch, CutMix instead of Mixup when both are on
     random_erasing: float = 0.25  # probability per image (reprob)
     interpolation: str = "bicubic"
+    # FCMAE pre-training (no labels): the fraction of 32 px patches masked per image; None: a supervised recipe.
+    mask_ratio: float = None
+
+    @property
+    def self_supervised(self):
+        """Whether the recipe pre-trains an FCMAE on images without labels."""
+        return self.mask_ratio is not None
 
     def __post_init__(self):
         # Every field checked where it is set (the recipe tables, get_recipe, `train --set`), before any work.
@@ -88,6 +99,9 @@ class Recipe:
         checks.boolean("ema_scale_to_run", self.ema_scale_to_run)
         checks.optional_str("weights", self.weights)
         checks.choice("interpolation", self.interpolation, ("bicubic", "bilinear", "nearest"))
+        checks.choice("layer_decay_type", self.layer_decay_type, LAYER_DECAY_TYPES)
+        if self.mask_ratio is not None:
+            checks.number("mask_ratio", self.mask_ratio, 0.0, 1.0, low_open=True, high_open=True)
         rates = self.drop_path_rate.values() if isinstance(self.drop_path_rate, dict) else [self.drop_path_rate]
         for rate in rates:
             if rate is not None:
@@ -161,7 +175,7 @@ class Recipe:
         return AdamWLayerDecay(
             learning_rate=self.schedule(steps_per_epoch, batch_size),
             weight_decay=self.weight_decay, beta_1=self.beta_1, beta_2=self.beta_2,
-            epsilon=self.epsilon, layer_decay=self.layer_decay,
+            epsilon=self.epsilon, layer_decay=self.layer_decay, layer_decay_type=self.layer_decay_type,
             use_ema=ema is not None, ema_momentum=ema if ema is not None else 0.99,
         )
 
@@ -180,6 +194,13 @@ class Recipe:
     def callbacks(self):
         """Validation on the EMA weights when the recipe keeps an EMA ("EMA evaluated")."""
         return [keras.callbacks.SwapEMAWeights()] if self.ema_momentum is not None else []
+
+
+def _official_v2_finetune(**kw):
+    # ConvNeXt-V2 TRAINING.md: batch 32 x 32 GPUs (1024), base lr per 256 images; main_finetune.py's
+    # defaults: head init 0.001, min lr 1e-6, RandAugment m9, Random Erasing 0.25, EMA 0.9999 evaluated.
+    return Recipe(**{"batch_size": 1024, "lr_batch_size": 256, "layer_decay": 0.9, "head_init_scale": 0.001,
+                     "ema_momentum": 0.9999, "weights": "fcmae", **kw})
 
 
 def _official_scratch(**kw):
@@ -220,6 +241,34 @@ RECIPES = {
             weight_decay=1e-8, layer_decay=0.7, head_init_scale=0.001, mixup=0.0, cutmix=0.0,
             drop_path_rate={"tiny": 0.1, "small": 0.2, "base": 0.2, "large": 0.3, "xlarge": 0.4},
             weights="fb_in22k", image_size=384, crop_pct=1.0,
+        ),
+        Recipe(
+            name="fcmae",
+            description="FCMAE pre-training without labels (ConvNeXt V2): 1600 epochs, AdamW 1.5e-4 @ 256, "
+                        "betas (0.9, 0.95), 40 warm-up epochs, 60% of 32 px patches masked, crop (0.2, 1) + flip",
+            epochs=1600, batch_size=4096, lr=1.5e-4, lr_batch_size=256, warmup_epochs=40, min_lr=0.0,
+            beta_2=0.95, mask_ratio=0.6, drop_path_rate=0.0, label_smoothing=0.0, scale=(0.2, 1.0),
+            rand_augment=None, color_jitter=0.0, mixup=0.0, cutmix=0.0, random_erasing=0.0,
+        ),
+        _official_v2_finetune(
+            name="fcmae_ft_atto",
+            description="fine-tuning an FCMAE encoder, ConvNeXt V2-Atto's recipe (also Femto, Pico): 600 epochs, "
+                        "lr 2e-4 @ 256, layer decay 0.9 per block, weight decay 0.3, no Mixup/CutMix, smoothing 0.2",
+            epochs=600, lr=2e-4, warmup_epochs=0, layer_decay_type="single", weight_decay=0.3,
+            drop_path_rate=0.1, mixup=0.0, cutmix=0.0, label_smoothing=0.2,
+        ),
+        _official_v2_finetune(
+            name="fcmae_ft_tiny",
+            description="fine-tuning an FCMAE encoder, ConvNeXt V2-Tiny's recipe (also Nano): 300 epochs, "
+                        "lr 8e-4 @ 256, 40 warm-up, layer decay 0.9 per block, Mixup 0.8, CutMix 1.0",
+            epochs=300, lr=8e-4, warmup_epochs=40, layer_decay_type="single", drop_path_rate=0.2,
+        ),
+        _official_v2_finetune(
+            name="fcmae_ft_base",
+            description="fine-tuning an FCMAE encoder, ConvNeXt V2-Base's recipe (also Large, Huge): 100 epochs, "
+                        "lr 6.25e-4 @ 256, 20 warm-up, layer decay 0.6 over 12 groups, Mixup 0.8, CutMix 1.0",
+            epochs=100, lr=6.25e-4, warmup_epochs=20, layer_decay=0.6, layer_decay_type="group",
+            drop_path_rate=0.1,
         ),
         Recipe(
             name="finetune",
@@ -265,6 +314,21 @@ def get_recipe(name, **overrides):
     return dataclasses.replace(recipe, **overrides)
 
 
+def layer_id_single(path, depths):
+    """ConvNeXt-V2's "single" layer-decay id of a variable: 1 .. sum(depths), one per block; head sum(depths) + 1.
+
+    Stage i's downsampling (the stem for i = 0) -> sum(depths[:i]) + 1; block j of stage i ->
+    sum(depths[:i]) + j + 1 (its GRN included); anything else (head norm, head) -> sum(depths) + 1,
+    as `optim_factory.get_num_layer_for_convnext_single`.
+    """
+    key = names.official_key(path)
+    where = names.stage_and_block(key) if key else None
+    if where is None:
+        return sum(depths) + 1
+    stage, block = where
+    return sum(depths[:stage]) + (0 if block is None else block) + 1
+
+
 def layer_group(path, num_groups=NUM_LAYER_GROUPS):
     """The official layer-decay group of a variable, by its path: 0 (stem) .. num_groups + 1 (head).
 
@@ -287,6 +351,17 @@ def layer_group(path, num_groups=NUM_LAYER_GROUPS):
     return num_groups
 
 
+def blocks_per_stage(paths):
+    """The depths (blocks per stage) of the ConvNeXt whose variable paths these are (0 for a stage without any)."""
+    depths = [0, 0, 0, 0]
+    for path in paths:
+        key = names.official_key(path)
+        where = names.stage_and_block(key) if key else None
+        if where is not None and where[1] is not None and where[0] < 4:
+            depths[where[0]] = max(depths[where[0]], where[1] + 1)
+    return depths
+
+
 @keras.saving.register_keras_serializable(package="keras_convnext")
 class AdamWLayerDecay(keras.optimizers.Adam):
     """AdamW with per-variable learning rates (layer-wise decay) and ConvNeXt's decay exclusions.
@@ -307,19 +382,28 @@ class AdamWLayerDecay(keras.optimizers.Adam):
     Args:
         weight_decay: the decoupled weight decay (`decoupled_weight_decay`), a float >= 0.
         layer_decay: decay per group (0.8 for 22k -> 1k fine-tuning); None or 1.0: off.
-        num_groups: number of block groups (12 in the official code).
+        num_groups: number of block groups (12 in the official code) of the "group" type.
+        layer_decay_type: "group" (`layer_group`) or "single" (`layer_id_single`: one group per block,
+            `sum(depths)` groups; the head learns at `lr`).
+        depths: the network's blocks per stage, for "single"; None: counted from the variables at `build`.
         Other arguments as `keras.optimizers.Adam`.
     """
 
     def __init__(self, learning_rate=1e-3, weight_decay=0.05, layer_decay=None,
-                 num_groups=NUM_LAYER_GROUPS, **kwargs):
+                 num_groups=NUM_LAYER_GROUPS, layer_decay_type="group", depths=None, **kwargs):
         checks.number("weight_decay", weight_decay, 0.0)
         if layer_decay is not None:
             checks.number("layer_decay", layer_decay, 0.0, 1.0, low_open=True)
+        checks.choice("layer_decay_type", layer_decay_type, LAYER_DECAY_TYPES)
+        if depths is not None:
+            if not isinstance(depths, (list, tuple)) or len(depths) != 4:
+                raise ValueError(f"`depths` must be four integers. Received: depths={depths!r}")
+            depths = [checks.integer(f"depths[{i}]", d, minimum=1) for i, d in enumerate(depths)]
         super().__init__(learning_rate=learning_rate, weight_decay=None, **kwargs)
         self.decoupled_weight_decay = float(weight_decay)
         self.layer_decay = layer_decay
         self.num_groups = checks.integer("num_groups", num_groups, minimum=1)
+        self.layer_decay_type, self.depths = layer_decay_type, depths
         self.no_decay_ids, self.no_decay_names = set(), None
         self.variable_paths, self.lr_scales, self.decays, self.index_of = [], [], [], {}
 
@@ -327,6 +411,9 @@ class AdamWLayerDecay(keras.optimizers.Adam):
         """The multiplier of the learning rate for `variable` (1.0 without layer decay)."""
         if not self.layer_decay or self.layer_decay == 1.0:
             return 1.0
+        if self.layer_decay_type == "single":
+            depths = self.depths or [1, 1, 1, 1]
+            return float(self.layer_decay ** (sum(depths) + 1 - layer_id_single(variable.path, depths)))
         group = layer_group(variable.path, self.num_groups)
         return float(self.layer_decay ** (self.num_groups + 1 - group))
 
@@ -349,6 +436,8 @@ class AdamWLayerDecay(keras.optimizers.Adam):
         if self.built:
             return
         super().build(var_list)
+        if self.layer_decay_type == "single" and self.depths is None:
+            self.depths = blocks_per_stage(v.path for v in var_list)
         self.variable_paths = [v.path for v in var_list]
         self.lr_scales = [self.lr_scale(v) for v in var_list]
         self.decays = [self.uses_weight_decay(v) for v in var_list]
@@ -382,7 +471,8 @@ class AdamWLayerDecay(keras.optimizers.Adam):
     def get_config(self):
         config = super().get_config()
         config.update({"weight_decay": self.decoupled_weight_decay, "layer_decay": self.layer_decay,
-                       "num_groups": self.num_groups})
+                       "num_groups": self.num_groups, "layer_decay_type": self.layer_decay_type,
+                       "depths": self.depths})
         return config
 
 

@@ -1,7 +1,8 @@
 """Checkpoint layouts -> official keys -> the flat per-module form: pure, table-driven, NumPy only.
 
 Every ecosystem's layout is a table of renamings onto the official keys (facebookresearch/ConvNeXt's
-`state_dict` names, CONVNEXT.md "Checkpoint key layouts"); every official module is of one kind,
+`state_dict` names, CONVNEXT.md "Checkpoint key layouts"; ConvNeXt V2's add `stages.i.j.grn.gamma|beta`
+in place of the layer scale `stages.i.j.gamma`); every official module is of one kind,
 which says the rank of each of its parameters and how PyTorch's layout becomes Keras's. The result
 is the flat form `{flat module name: {param: array}}` (`stages_2_5_pwconv1: {"weight", "bias"}`),
 the form `names.variables_by_module` gives of a model, so assigning it (assign.py) is a lookup.
@@ -25,14 +26,15 @@ from keras_convnext.names import keras_name
 class Layout:
     """A PyTorch-layout ConvNeXt state dict: how to recognise it and rename it to official keys.
 
-    `marker` is searched in the keys (the first layout one key matches is the file's); `prefix`
-    is dropped from a key first where present; the first rule whose pattern matches renames it.
+    `marker` is searched in the keys (the first layout one key matches is the file's); the first of
+    `prefixes` a key starts with is dropped first; the first rule whose pattern matches renames it.
+    One layout serves both families: a V2 file is told by its GRN tensors (`architecture_of`).
     `pointwise_conv`: fc1/fc2 may be 1x1 convs, (out, in, 1, 1), the same matrix as a Linear's.
     """
 
     marker: str
     rules: tuple = ()
-    prefix: str = None
+    prefixes: tuple = ()
     pointwise_conv: bool = False
 
 
@@ -42,6 +44,8 @@ LAYOUTS = {
         (r"^stem\.(\d)\.", r"downsample_layers.0.\1."),
         (r"^stages\.(\d)\.downsample\.(\d)\.", r"downsample_layers.\1.\2."),
         (r"^stages\.(\d)\.blocks\.(\d+)\.conv_dw\.", r"stages.\1.\2.dwconv."),
+        (r"^stages\.(\d)\.blocks\.(\d+)\.mlp\.grn\.weight$", r"stages.\1.\2.grn.gamma"),  # V2: (C,)
+        (r"^stages\.(\d)\.blocks\.(\d+)\.mlp\.grn\.bias$", r"stages.\1.\2.grn.beta"),
         (r"^stages\.(\d)\.blocks\.(\d+)\.mlp\.fc(\d)\.", r"stages.\1.\2.pwconv\3."),
         (r"^stages\.(\d)\.blocks\.(\d+)\.", r"stages.\1.\2."),
         (r"^head\.norm\.", "norm."),
@@ -53,10 +57,12 @@ LAYOUTS = {
         (r"^encoder\.stages\.(\d)\.downsampling_layer\.(\d)\.", r"downsample_layers.\1.\2."),
         (r"^encoder\.stages\.(\d)\.layers\.(\d+)\.layernorm\.", r"stages.\1.\2.norm."),
         (r"^encoder\.stages\.(\d)\.layers\.(\d+)\.layer_scale_parameter$", r"stages.\1.\2.gamma"),
+        (r"^encoder\.stages\.(\d)\.layers\.(\d+)\.grn\.weight$", r"stages.\1.\2.grn.gamma"),  # V2: (1, 1, 1, C)
+        (r"^encoder\.stages\.(\d)\.layers\.(\d+)\.grn\.bias$", r"stages.\1.\2.grn.beta"),
         (r"^encoder\.stages\.(\d)\.layers\.(\d+)\.", r"stages.\1.\2."),
         (r"^layernorm\.", "norm."),
         (r"^classifier\.", "head."),
-    ), prefix="convnext."),
+    ), prefixes=("convnextv2.", "convnext.")),  # ConvNextV2Model / ConvNextModel; a bare backbone has none
 }
 
 
@@ -83,7 +89,8 @@ def rename_to_official(state, path):
     layout = LAYOUTS[name]
     renamed = checkpoints.OnceEach(path)
     for key, value in state.items():
-        new = key[len(layout.prefix):] if layout.prefix and key.startswith(layout.prefix) else key
+        prefix = next((p for p in layout.prefixes if key.startswith(p)), "")
+        new = key[len(prefix):]
         for pattern, replacement in layout.rules:
             new, n = re.subn(pattern, replacement, new)
             if n:
@@ -107,10 +114,15 @@ def to_official(state, path):
 
 @dataclasses.dataclass(frozen=True)
 class Kind:
-    """What an official module is: the rank of each parameter; PyTorch's weight -> Keras's (a transpose)."""
+    """What an official module is: the rank of each parameter; PyTorch's weight -> Keras's (a transpose).
+
+    `leading`: a parameter may also be stored with these leading axes of size 1 (the official and
+    Hugging Face GRN's (1, 1, 1, C)), dropped on reading; any other shape is refused by name.
+    """
 
     ranks: dict
     to_keras: tuple = None
+    leading: tuple = ()
 
 
 KINDS = {
@@ -118,7 +130,8 @@ KINDS = {
     "dwconv": Kind({"weight": 4, "bias": 1}, (2, 3, 0, 1)),  # (C, 1, kh, kw) -> (kh, kw, C, 1)
     "linear": Kind({"weight": 2, "bias": 1}, (1, 0)),  # (out, in) -> (in, out)
     "norm": Kind({"weight": 1, "bias": 1}),
-    "scale": Kind({"gamma": 1}),  # the block's layer scale
+    "scale": Kind({"gamma": 1}),  # the block's layer scale (V1)
+    "grn": Kind({"gamma": 1, "beta": 1}, leading=(1, 1, 1)),  # V2's GRN: timm (C,), official and HF (1, 1, 1, C)
 }
 
 # Flat module name -> kind (the same in every layout: the stem is (conv, norm), later downsamplings (norm, conv)).
@@ -128,6 +141,7 @@ MODULES = (
     (r"stages_\d_\d+_pwconv[12]|head", "linear"),
     (r"downsample_layers_0_1|downsample_layers_[1-3]_0|stages_\d_\d+_norm|norm", "norm"),
     (r"stages_\d_\d+_gamma", "scale"),
+    (r"stages_\d_\d+_grn", "grn"),
 )
 
 
@@ -149,9 +163,13 @@ class Slots:
     def put(self, name, param, source, value, transpose=None):
         kind = kind_of(name)
         rank = kind.ranks.get(param) if kind else None
+        if rank is not None and kind.leading and value.ndim == rank + len(kind.leading) and (
+                tuple(value.shape[:len(kind.leading)]) == kind.leading):
+            value = value.reshape(value.shape[len(kind.leading):])  # (1, 1, 1, C) -> (C,): the same C numbers
         if rank is not None and value.ndim != rank:
+            also = f" (or ({', '.join(map(str, kind.leading))}, C))" if kind.leading else ""
             raise CheckpointError(f"{self.path}: tensor {checkpoints.quote(source)} has shape {tuple(value.shape)}; "
-                                  f"'{name}.{param}' holds a {rank}-D tensor.")
+                                  f"'{name}.{param}' holds a {rank}-D tensor{also}.")
         self.filled.put(f"{name}.{param}", None, source)
         self.layers.setdefault(name, {})[param] = value if transpose is None else value.transpose(transpose)
 
@@ -168,11 +186,17 @@ def official_to_flat(state, path, sources=None):
         if param == "gamma" and re.fullmatch(r"stages\.\d\.\d+", module):
             slots.put(keras_name(key), "gamma", source, value)  # a block's layer scale: its own slot
             continue
+        if param in ("gamma", "beta") and re.fullmatch(r"stages\.\d\.\d+\.grn", module):
+            slots.put(keras_name(module), param, source, value)  # V2's GRN, official names
+            continue
         if param not in ("weight", "bias") or not module:
             raise CheckpointError(f"{path}: unexpected tensor {checkpoints.quote(source)} {tuple(value.shape)} "
                                   "in the checkpoint.")
         name = keras_name(module)
         kind = kind_of(name)
+        if kind is not None and param not in kind.ranks:  # a GRN's are gamma/beta (`stages.0.0.grn.weight`)
+            raise CheckpointError(f"{path}: unexpected tensor {checkpoints.quote(source)} {tuple(value.shape)} "
+                                  "in the checkpoint.")
         slots.put(name, param, source, value, kind.to_keras if kind and param == "weight" else None)
     return slots.layers
 
@@ -226,8 +250,48 @@ def keras_apps_to_flat(tensors, path):
 
 # --- what a converted checkpoint holds --------------------------------------------------------
 
-def architecture_of(layers):
-    """(depths, dims, classes or None) of a flat-form checkpoint."""
+class Architecture(tuple):
+    """What a flat-form checkpoint holds: `(depths, dims, classes)`, which it unpacks as, and `.version`.
+
+    `version` is 1 for ConvNeXt (layer scales, or none), 2 for ConvNeXt V2 (GRN tensors). A tuple of
+    three, so code that unpacks `depths, dims, classes = architecture_of(layers)` reads V2 files too.
+    """
+
+    def __new__(cls, depths, dims, classes, version=1):
+        self = super().__new__(cls, (depths, dims, classes))
+        self.version = version
+        return self
+
+    def __getnewargs__(self):
+        return (*self, self.version)
+
+    depths = property(lambda self: self[0])
+    dims = property(lambda self: self[1])
+    classes = property(lambda self: self[2])
+
+    @property
+    def family(self):
+        """"ConvNeXt" or "ConvNeXt V2", as messages name them."""
+        return "ConvNeXt V2" if self.version == 2 else "ConvNeXt"
+
+    def __repr__(self):
+        return f"Architecture(depths={self[0]}, dims={self[1]}, classes={self[2]}, version={self.version})"
+
+
+def version_of(layers, path=None):
+    """2 if a flat-form checkpoint holds GRN tensors (ConvNeXt V2), else 1; one holding both GRN and layer
+    scales is refused, naming one of each."""
+    scale = next((n for n in layers if re.fullmatch(r"stages_\d_\d+_gamma", n)), None)
+    grn = next((n for n in layers if re.fullmatch(r"stages_\d_\d+_grn", n)), None)
+    if scale and grn:
+        raise CheckpointError(
+            f"{path or 'the checkpoint'}: holds both ConvNeXt layer scales ('{scale}.gamma') and ConvNeXt V2 GRN "
+            f"tensors ('{grn}.gamma'): a checkpoint is of one family.")
+    return 2 if grn else 1
+
+
+def architecture_of(layers, path=None):
+    """`Architecture` (depths, dims, classes or None; `.version`) of a flat-form checkpoint."""
     depths = [0, 0, 0, 0]
     for name in layers:
         m = re.fullmatch(r"stages_(\d)_(\d{1,6})_dwconv", name)
@@ -239,7 +303,7 @@ def architecture_of(layers):
         dims.append(conv["weight"].shape[-1] if "weight" in conv else 0)
     head = layers.get("head", {})
     classes = head["weight"].shape[-1] if "weight" in head else None
-    return tuple(depths), tuple(dims), classes
+    return Architecture(tuple(depths), tuple(dims), classes, version_of(layers, path))
 
 
 def stem_channels(layers):
@@ -263,8 +327,11 @@ def adapt_stem(kernel, channels):
     return np.concatenate([kernel] * repeats, axis=2)[:, :, :channels] * (have / channels)
 
 
-def expected_shapes(depths, dims, classes, with_norm=False, channels=3):
-    """{(flat module, param): shape} of every variable of a ConvNeXt (no top: `classes` None), Keras layouts."""
+def expected_shapes(depths, dims, classes, with_norm=False, channels=3, version=1):
+    """{(flat module, param): shape} of every variable of a ConvNeXt (no top: `classes` None), Keras layouts.
+
+    `version` 2: ConvNeXt V2, a GRN of 4 x dim channels in every block instead of the layer scale.
+    """
     out = {}
 
     def put(layer, **shapes):
@@ -283,7 +350,10 @@ def expected_shapes(depths, dims, classes, with_norm=False, channels=3):
             put(f"{prefix}_norm", weight=(dim,), bias=(dim,))
             put(f"{prefix}_pwconv1", weight=(dim, 4 * dim), bias=(4 * dim,))
             put(f"{prefix}_pwconv2", weight=(4 * dim, dim), bias=(dim,))
-            put(f"{prefix}_gamma", gamma=(dim,))
+            if version == 2:
+                put(f"{prefix}_grn", gamma=(4 * dim,), beta=(4 * dim,))
+            else:
+                put(f"{prefix}_gamma", gamma=(dim,))
     if classes is not None or with_norm:
         put("norm", weight=(dims[3],), bias=(dims[3],))
     if classes is not None:
@@ -304,16 +374,18 @@ def check_complete(layers, path):
         if gap is not None:
             raise CheckpointError(f"{path}: missing tensor 'stages_{stage}_{gap}_dwconv.weight' (stage {stage} "
                                   f"has block {max(blocks)}).")
-    depths, dims, classes = architecture_of(layers)
+    arch = architecture_of(layers, path)
+    depths, dims, classes = arch
     stem = layers.get("downsample_layers_0_0", {}).get("weight")
     # The input channels come from the file too: a missing or zero-channel stem is named below, against RGB's 3.
     channels = stem.shape[2] if stem is not None and stem.ndim == 4 and stem.shape[2] >= 1 else 3
-    shapes = expected_shapes(depths, dims, classes, with_norm="norm" in layers, channels=channels)
+    shapes = expected_shapes(depths, dims, classes, with_norm="norm" in layers, channels=channels,
+                             version=arch.version)
     for (layer, param), shape in shapes.items():
         value = layers.get(layer, {}).get(param)
         if value is None:
-            raise CheckpointError(f"{path}: missing tensor '{layer}.{param}' (shape {shape} in the ConvNeXt of "
+            raise CheckpointError(f"{path}: missing tensor '{layer}.{param}' (shape {shape} in the {arch.family} of "
                                   f"depths {depths} and dims {dims} it holds).")
         if tuple(value.shape) != shape:
-            raise CheckpointError(f"{path}: tensor '{layer}.{param}' has shape {tuple(value.shape)}, the ConvNeXt "
-                                  f"of depths {depths} and dims {dims} it holds expects {shape}.")
+            raise CheckpointError(f"{path}: tensor '{layer}.{param}' has shape {tuple(value.shape)}, the "
+                                  f"{arch.family} of depths {depths} and dims {dims} it holds expects {shape}.")

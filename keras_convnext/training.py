@@ -3,7 +3,9 @@
 `train` is what `keras-convnext train` runs: it builds the pipelines and the model, compiles with
 the recipe, fits with Keras's progress bar, resumes an interrupted run, and writes
 `OUT/model.keras` (the evaluated weights: the EMA when the recipe keeps one), `OUT/history.csv`,
-`OUT/curves.png` and `OUT/classes.json`. Every file is written aside and renamed into place
+`OUT/curves.png` and `OUT/classes.json`. With a self-supervised recipe (`fcmae`) it pre-trains an
+FCMAE on the images alone (`pretrain`) and writes `OUT/encoder.keras`, the encoder to fine-tune, and
+`OUT/fcmae.keras`, the whole autoencoder. Every file is written aside and renamed into place
 (`files.atomic_path`).
 """
 
@@ -165,8 +167,8 @@ def read_history(path):
         return list(csv.DictReader(f))
 
 
-def plot_curves(history_path, out_path):
-    """Loss and accuracy per epoch (training and validation) as a PNG, written atomically."""
+def plot_curves(history_path, out_path, metrics=("loss", "accuracy")):
+    """Loss and accuracy (or `metrics`) per epoch, training and validation, as a PNG, written atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -174,8 +176,9 @@ def plot_curves(history_path, out_path):
 
     rows = read_history(history_path)
     epochs = [int(r["epoch"]) + 1 for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, metric in zip(axes, ("loss", "accuracy")):
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
+    axes = axes[0]
+    for ax, metric in zip(axes, metrics):
         for key, label in ((metric, "train"), (f"val_{metric}", "validation")):
             if rows and key in rows[0]:
                 ax.plot(epochs, [float(r[key]) for r in rows], marker="o", markersize=3, label=label)
@@ -183,7 +186,9 @@ def plot_curves(history_path, out_path):
         ax.set_title(metric)
         ax.grid(alpha=0.3)
         ax.legend()
-    axes[1].set_ylim(0, 1)
+    for ax, metric in zip(axes, metrics):
+        if metric == "accuracy":
+            ax.set_ylim(0, 1)
     fig.tight_layout()
     try:
         with files.atomic_path(out_path) as tmp:
@@ -194,7 +199,7 @@ def plot_curves(history_path, out_path):
 
 def save_model(model, path):
     """Saves `model` to `path` (.keras) without its optimizer, written aside and renamed."""
-    optimizer = model.optimizer
+    optimizer = getattr(model, "optimizer", None)  # (a model never compiled has none)
     try:
         # The deliverable is the evaluated network; the optimizer state lives in the backup.
         model.optimizer = None
@@ -302,13 +307,15 @@ def _weights_for(recipe, variant, preset):
         return preset
     if recipe.weights in (None, "imagenet"):
         return recipe.weights
-    name = f"convnext_{variant}.{recipe.weights}"
+    spec = VARIANTS.get(variant)
+    name = f"{spec.timm_name if spec else f'convnext_{variant}'}.{recipe.weights}"
     from keras_convnext.presets import PRESETS
 
     if name not in PRESETS:
         raise ValueError(
-            f"Recipe {recipe.name!r} starts from {recipe.weights} weights, which ConvNeXt-{variant} does not "
-            f"have; pass a preset or a checkpoint file. Received: variant={variant!r}"
+            f"Recipe {recipe.name!r} starts from {recipe.weights} weights, which {spec.title if spec else variant} "
+            f"does not have; pass a preset or a checkpoint file (`keras-convnext train --recipe fcmae` writes "
+            f"an FCMAE encoder). Received: variant={variant!r}"
         )
     return name
 
@@ -356,6 +363,12 @@ def train(data, out, variant="atto", recipe="finetune", preset=None, image_size=
     recipe = recipes_lib.get_recipe(recipe, **overrides, **recipe_overrides)
     if lr is not None:
         recipe = recipes_lib.get_recipe(recipe, lr=lr, lr_batch_size=recipe.batch_size)
+    if recipe.self_supervised:
+        if val_dir is not None or val_split is not None:
+            raise ValueError(f"Recipe {recipe.name!r} pre-trains without labels, on every image: it takes no "
+                             f"validation data. Received: val_dir={val_dir!r}, val_split={val_split!r}")
+        return pretrain(data, out, spec, recipe, preset=preset, seed=seed, verbose=verbose, distribute=distribute,
+                        callbacks=callbacks, restart=restart, skip_bad_images=skip_bad_images)
     weights = _weights_for(recipe, spec.name, preset)
     verbose_checks = 1 if verbose == "auto" else verbose
 
@@ -385,7 +398,8 @@ def train(data, out, variant="atto", recipe="finetune", preset=None, image_size=
     from keras_convnext.model import ConvNeXt
 
     model = ConvNeXt(spec.depths, spec.dims, weights=weights, input_shape=(recipe.image_size,) * 2 + (3,),
-                     classes=len(classes), name=f"convnext_{spec.name}", **recipe.model_kwargs(spec))
+                     classes=len(classes), name=spec.timm_name, version=spec.version,
+                     layer_scale_init_value=None if spec.version == 2 else 1e-6, **recipe.model_kwargs(spec))
     model.compile(**recipe.compile_kwargs(steps))
     resumed_from = _resume(model, backup_dir, meta, verbose_checks) if meta else None
 
@@ -413,5 +427,77 @@ def train(data, out, variant="atto", recipe="finetune", preset=None, image_size=
         "resumed_from": resumed_from, "model": model_path, "history": history_path,
         "curves": curves_path, "classes": classes, "devices": devices, "recipe": recipe.name,
         "train_images": train_size, "batch_size": recipe.batch_size, "image_size": recipe.image_size,
+        "skipped_images": [path for path, _ in skipped],
+    }
+
+
+def pretrain(data, out, variant, recipe, preset=None, seed=0, verbose="auto", distribute="auto", callbacks=(),
+             restart=False, skip_bad_images=False):
+    """FCMAE pre-training of a ConvNeXt V2 on the images under `data` (no labels), under `model.fit`.
+
+    What `train` runs for a self-supervised recipe (`fcmae`); `variant` is a V2 `Variant` and `recipe`
+    a resolved `Recipe`. Every image at any depth of `data` is used (folder names are ignored). Writes
+    `out/encoder.keras` (the encoder: a builder's `weights=` fine-tunes it), `out/fcmae.keras`,
+    `out/history.csv` and `out/curves.png`; resumes from `out/backup` as `train` does.
+
+    Returns:
+        A dict: the last epoch's loss, seconds, epochs, resumed_from, the output paths, the number of
+        images, the skipped images.
+    """
+    from keras_convnext.fcmae import PATCH_SIZE, FCMAE
+    from keras_convnext.model import ConvNeXtV2
+
+    if variant.version != 2:
+        v2 = ", ".join(name for name, v in VARIANTS.items() if v.version == 2)
+        raise ValueError(f"FCMAE pre-trains ConvNeXt V2 (GRN) networks: {v2} or a V2 `Variant`. "
+                         f"Received: variant={variant.name!r}")
+    if recipe.image_size % PATCH_SIZE:
+        raise ValueError(f"FCMAE masks {PATCH_SIZE} px patches: the image size must be a multiple of {PATCH_SIZE}. "
+                         f"Received: image_size={recipe.image_size}")
+    verbose_checks = 1 if verbose == "auto" else verbose
+    keras.utils.set_random_seed(seed)
+    paths = data_lib.image_files(data)
+    backup_dir = os.path.join(out, BACKUP_DIR)
+    if restart and os.path.isdir(backup_dir):
+        shutil.rmtree(backup_dir)
+    config = run_config(variant, [], recipe, preset)
+    meta = read_backup(backup_dir, config)
+    paths, _, skipped = data_lib.check_images(paths, [0] * len(paths), [os.fspath(data)], skip_bad_images,
+                                              verbose_checks, data=data)
+    if len(paths) < recipe.batch_size:
+        raise ValueError(f"The data folder has {len(paths)} images, fewer than one batch. "
+                         f"Received: batch_size={recipe.batch_size}")
+    os.makedirs(out, exist_ok=True)
+    devices = _data_parallel(recipe.batch_size, distribute)
+    train_ds = data_lib.pretrain_dataset(paths, recipe, seed=seed)
+    steps = len(paths) // recipe.batch_size
+
+    encoder = ConvNeXtV2(variant.depths, variant.dims, include_top=False, weights=preset,
+                         input_shape=(recipe.image_size,) * 2 + (3,), drop_path_rate=recipe.drop_path_for(variant),
+                         name=variant.timm_name)
+    model = FCMAE(encoder, mask_ratio=recipe.mask_ratio, seed=seed)
+    model.compile(optimizer=recipe.optimizer(steps))
+    resumed_from = _resume(model, backup_dir, meta, verbose_checks) if meta else None
+
+    history_path = os.path.join(out, "history.csv")
+    fit_callbacks = [HistoryCSV(history_path), EpochBackup(backup_dir, config), *callbacks]
+    start = time.perf_counter()
+    model.fit(train_ds, epochs=recipe.epochs, initial_epoch=resumed_from or 0, callbacks=fit_callbacks,
+              verbose=verbose)
+    seconds = time.perf_counter() - start
+
+    encoder_path, fcmae_path = os.path.join(out, "encoder.keras"), os.path.join(out, "fcmae.keras")
+    save_model(encoder, encoder_path)
+    save_model(model, fcmae_path)
+    curves_path = os.path.join(out, "curves.png")
+    plot_curves(history_path, curves_path, metrics=("loss",))
+    rows = read_history(history_path)
+    if os.path.isdir(backup_dir):
+        shutil.rmtree(backup_dir)
+    return {
+        "loss": float(rows[-1]["loss"]) if rows else None, "seconds": seconds, "epochs": recipe.epochs,
+        "resumed_from": resumed_from, "encoder": encoder_path, "model": fcmae_path, "history": history_path,
+        "curves": curves_path, "devices": devices, "recipe": recipe.name, "train_images": len(paths),
+        "batch_size": recipe.batch_size, "image_size": recipe.image_size, "mask_ratio": recipe.mask_ratio,
         "skipped_images": [path for path, _ in skipped],
     }

@@ -45,8 +45,9 @@ keras_apps_to_keras = keras_apps_to_flat
 def read_weights(path):
     """Reads any supported checkpoint file -> ({flat module: {param: array}}, info dict).
 
-    The flat form (remap.py) holds every tensor of the ConvNeXt it describes (`architecture_of`),
-    each of its shape, so a model built from it is no larger than the file.
+    The flat form (remap.py) holds every tensor of the ConvNeXt or ConvNeXt V2 it describes
+    (`architecture_of`; `info["version"]` is 1 or 2), each of its shape, so a model built from it
+    is no larger than the file.
 
     The layers are None for a Keras `.weights.h5`, which names variables by position and so
     loads only through `model.load_weights` into the architecture it came from.
@@ -71,6 +72,7 @@ def read_weights(path):
             # Transformers' final LayerNorm uses config.layer_norm_eps (1e-12 by default), not 1e-6.
             info["norm_epsilon"] = checkpoints.read_hf_config(path).get("layer_norm_eps", 1e-12)
     remap.check_complete(layers, path)
+    info["version"] = remap.version_of(layers, path)
     return layers, info
 
 
@@ -171,17 +173,21 @@ def _convert_file(src, dst, variant=None, preset=None):
             f"{src}: a Keras .weights.h5 names its variables by position, not by layer, so it cannot "
             "be converted on its own: load it into the model it was saved from instead."
         )
-    depths, dims, classes = architecture_of(layers)
-    if variant is not None and (VARIANTS[variant].depths, VARIANTS[variant].dims) != (depths, dims):
+    arch = architecture_of(layers, src)
+    depths, dims, classes = arch
+    if variant is not None and (VARIANTS[variant].depths, VARIANTS[variant].dims, VARIANTS[variant].version) != (
+            depths, dims, arch.version):
         raise CheckpointError(
-            f"{src}: the checkpoint holds depths {depths} and dims {dims}, not ConvNeXt-{variant}."
+            f"{src}: the checkpoint holds a {arch.family} of depths {depths} and dims {dims}, not "
+            f"{VARIANTS[variant].title} (variant {variant!r})."
         )
     channels = stem_channels(layers)
     size = preset.image_size if preset is not None else (224 if classes is not None else None)
     model = ConvNeXtModel(
         depths, dims, include_top=classes is not None, classes=classes or 1000, input_shape=(size, size, channels),
         mean=preset.mean if preset is not None else None, std=preset.std if preset is not None else None,
-        norm_epsilon=float(info.get("norm_epsilon", LN_EPS)),
+        norm_epsilon=float(info.get("norm_epsilon", LN_EPS)), version=arch.version,
+        layer_scale_init_value=None if arch.version == 2 else 1e-6,
     )
     assign(model, layers, src)
     with files.atomic_path(dst) as tmp:

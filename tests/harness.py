@@ -135,8 +135,8 @@ def check_mixed_precision(build, policy="mixed_bfloat16"):
     mixed.set_weights(reference.get_weights())
     assert all(v.dtype == "float32" for v in mixed.weights)
     block = mixed.get_layer("stages_0").blocks[0]
-    assert {layer.compute_dtype for layer in (block, block.dwconv, block.norm, block.pwconv1, block.pwconv2)
-            } == {policy.split("_")[1]}
+    parts = [block, block.dwconv, block.norm, block.pwconv1, block.pwconv2] + [block.grn_layer] * block.grn
+    assert {layer.compute_dtype for layer in parts} == {policy.split("_")[1]}
     out = mixed.predict(x, verbose=0)
     assert out.dtype == np.float32
     np.testing.assert_allclose(out, reference.predict(x, verbose=0), atol=0.05)
@@ -168,7 +168,8 @@ def freezing_patterns():
         model.get_layer("stages_0").trainable = False
 
     def only_layer_scales(model):
-        # every layer frozen but the blocks themselves, whose own variable is gamma
+        # every layer frozen but the blocks' own scales: V1's layer scale gamma (the block's own
+        # variable), V2's GRN (gamma, beta)
         for layer in model.layers:
             if not layer.name.startswith("stages_"):
                 layer.trainable = False

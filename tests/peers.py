@@ -1,7 +1,8 @@
 """Randomly initialised peer models (timm, Hugging Face, keras.applications) and their files.
 
-Every parameter is randomised (norms around 1, layer scales around 0.5) so that a conversion
-error anywhere changes the logits: with the default 1e-6 layer scale the blocks would vanish.
+Every parameter is randomised (norms around 1, layer scales and ConvNeXt V2's GRN weight and bias
+around 0.5) so that a conversion error anywhere changes the logits: with the default 1e-6 layer
+scale the blocks would vanish, and with GRN's zero initialisation a GRN is the identity.
 """
 
 import numpy as np
@@ -16,7 +17,7 @@ def randomize_torch(model, seed=0):
     with torch.no_grad():
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=gen) * 0.1
-            if name.endswith("gamma") or "layer_scale" in name:
+            if name.endswith("gamma") or "layer_scale" in name or ".grn." in name:
                 p.copy_(0.5 + noise)
             elif ("norm" in name or "layernorm" in name) and name.endswith("weight"):
                 p.copy_(1.0 + noise)
@@ -44,6 +45,9 @@ def timm_to_official(state):
         elif parts[0] == "stages" and parts[2] == "blocks":
             rest = ".".join(parts[4:]).replace("conv_dw", "dwconv").replace("mlp.fc1", "pwconv1")
             rest = rest.replace("mlp.fc2", "pwconv2")
+            if rest.startswith("mlp.grn."):  # V2: the official GRN is channels-last, (1, 1, 1, C), gamma/beta
+                rest = {"weight": "grn.gamma", "bias": "grn.beta"}[parts[-1]]
+                value = value.reshape(1, 1, 1, -1).contiguous()
             new = f"stages.{parts[1]}.{parts[3]}.{rest}"
             if "pwconv" in new and value.ndim == 4:
                 value = value[:, :, 0, 0].contiguous()
@@ -71,6 +75,24 @@ def hf_model(num_labels=10, layer_norm_eps=1e-12):
     config = ConvNextConfig(hidden_sizes=list(TINY_DIMS), depths=list(TINY_DEPTHS), num_labels=num_labels,
                             layer_norm_eps=layer_norm_eps)
     return randomize_torch(ConvNextForImageClassification(config))
+
+
+def hf_v2_model(num_labels=10, layer_norm_eps=1e-12):
+    from transformers import ConvNextV2Config, ConvNextV2ForImageClassification
+
+    config = ConvNextV2Config(hidden_sizes=list(TINY_DIMS), depths=list(TINY_DEPTHS), num_labels=num_labels,
+                              layer_norm_eps=layer_norm_eps)
+    return randomize_torch(ConvNextV2ForImageClassification(config))
+
+
+def timm_features(model, images):
+    """A timm model's last stage map (before the head's norm), NHWC, for uint8 NHWC images."""
+    import torch
+
+    x = (images.astype("float64") / 255 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+    with torch.no_grad():
+        out = model.forward_features(torch.from_numpy(x.transpose(0, 3, 1, 2).astype("float32")))
+    return out.numpy().transpose(0, 2, 3, 1)
 
 
 def keras_apps_tiny(path, input_size=64):

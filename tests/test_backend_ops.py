@@ -125,7 +125,9 @@ def test_every_formulation_in_mixed_precision_stays_within_bfloat16_rounding(for
     padded = np.pad(x, ((0, 0), (3, 3), (3, 3), (0, 0)))
     expected = np.stack([np.stack([(padded[:, i:i + 9, j:j + 11] * upstream).sum((0, 1, 2)) for j in range(7)])
                          for i in range(7)])[..., None]
-    np.testing.assert_allclose(dkernel, expected, atol=0.3, rtol=0.02)  # sums of 198 products ~10
+    # Sums of 198 products ~10; TensorFlow's own bfloat16 filter gradient ("keras") accumulates in bfloat16 on a CPU
+    # without native bfloat16 (AVX2 AMD EPYC: 0.38 off at worst), hence 0.5, far below a misplaced tap's error (~10).
+    np.testing.assert_allclose(dkernel, expected, atol=0.5, rtol=0.02)
 
 
 def _assert_same_gradients_as_keras(formulation, inputs, upstream, op, names, atol=1e-4):
@@ -248,6 +250,9 @@ def test_dense_scale_add_fuses_only_where_it_can(dtype, atol):
 
     with torch.no_grad():
         out = backend_ops.dense_scale_add(*tensors)
+        if dtype == "bfloat16" and not backend_ops.onednn_bf16():
+            assert out is None  # no oneDNN bfloat16 kernel on this CPU (AVX2 only): the block runs step by step
+            return
         assert out.dtype == tensors[0].dtype and tuple(out.shape) == (2, 5, 7, 24)
         np.testing.assert_allclose(out.float().numpy(), expected, atol=atol * np.abs(expected).max())
         # A shortcut of another dtype or shape: not fused.

@@ -92,3 +92,11 @@ def test_batch_clock_times_only_the_batches_after_the_warmup():
     time.sleep(0.03)
     clock.on_train_batch_end(1)
     assert clock.stop - clock.start >= 0.03
+
+
+def test_a_v2_plan_measures_timms_v2_and_no_keras_applications():
+    specs = benchmark.plan(variant="convnextv2_tiny", backends=["jax"], modes=["inference"])
+    assert [s.label for s in specs] == ["timm", "timm_compile", "keras_convnext (jax)"]
+    assert {s.variant for s in specs} == {"convnextv2_tiny"}
+    with pytest.raises(ValueError, match=r"Unknown variant.*Received: variant='convnextv3_tiny'"):
+        benchmark.plan(variant="convnextv3_tiny")

@@ -333,3 +333,31 @@ def test_a_signalled_export_kills_its_child_and_cleans_up(tmp_path, signum):
     assert (signum == signal.SIGINT) == ("KeyboardInterrupt" in log.read_text())
     assert sorted(os.listdir(out)) == ["1"]  # its temporary files were removed before
     assert contents(out / "1") == before
+
+
+def test_a_v2_model_exports_to_every_format_with_parity(tmp_path):
+    # GRN (a sum of squares over H, W, a channel mean) as plain ops in each format: no Flex op in LiteRT.
+    import onnxruntime
+    import tensorflow as tf
+
+    model = kc.ConvNeXtV2(TINY["depths"], TINY["dims"], weights=None, input_shape=(SIZE, SIZE, 3), classes=7)
+    rng = np.random.default_rng(2)
+    for layer in model.layers:
+        layer.set_weights([rng.normal(0.5 if "grn" in v.path else 0.0, 0.15, v.shape).astype("float32")
+                           if not v.path.endswith("norm/gamma") else np.ones(v.shape, "float32")
+                           for v in layer.weights])
+    pixels = rng.integers(0, 256, (2, SIZE, SIZE, 3)).astype("float32")
+    expected = probabilities(model, pixels)
+    assert expected.std(axis=-1).min() > 1e-3  # the probabilities depend on the weights, GRN included
+    paths = {fmt: kc.export(model, str(tmp_path / name), format=fmt)
+             for fmt, name in (("saved_model", "serving"), ("onnx", "m.onnx"), ("litert", "m.tflite"))}
+    served = tf.saved_model.load(paths["saved_model"]).signatures["serving_default"](images=tf.constant(pixels))
+    assert np.abs(served["probabilities"].numpy() - expected).max() <= 1e-4
+    out = onnxruntime.InferenceSession(paths["onnx"]).run(["probabilities"], {"images": pixels})[0]
+    assert np.abs(out - expected).max() <= 1e-4
+    interpreter = tf.lite.Interpreter(model_path=paths["litert"])
+    ops = {op["op_name"] for op in interpreter._get_ops_details()}
+    assert not any(op.startswith("Flex") or op == "CUSTOM" for op in ops), ops
+    runner = interpreter.get_signature_runner("serving_default")
+    for i in range(len(pixels)):
+        assert np.abs(runner(images=pixels[i:i + 1])["probabilities"] - expected[i:i + 1]).max() <= 1e-4

@@ -129,6 +129,7 @@ FEATURES = {
     "demo": ("demo",),
     "export": ("export",),
     "benchmark": ("benchmark",),
+    "hub": ("hub",),
 }
 # What a module needs that it does not import itself: torch.onnx's exporter imports onnx and onnxscript.
 INDIRECT = {"export": {"tensorflow", "torch", "onnx", "onnxscript"}}

@@ -251,10 +251,13 @@ def test_keras_round_trip_is_bit_exact_without_custom_objects(tmp_path, images):
 
 @pytest.mark.parametrize("layer, config", [
     (kc.ConvNeXtPreprocessing([0.5, 0.4, 0.3], [0.2, 0.2, 0.1]), {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.2, 0.1]}),
-    (kc.ConvNeXtBlock(16, 0.1, 0.25), {"dim": 16, "drop_path_rate": 0.1, "layer_scale_init_value": 0.25}),
+    (kc.ConvNeXtBlock(16, 0.1, 0.25), {"dim": 16, "drop_path_rate": 0.1, "layer_scale_init_value": 0.25,
+                                              "grn": False}),
     (kc.ConvNeXtDownsample(16, stem=True), {"dim": 16, "stem": True}),
     (kc.ConvNeXtStage(16, [0.0, 0.1], 0.5), {"dim": 16, "drop_path_rates": [0.0, 0.1], "layer_scale_init_value": 0.5,
-                                             "stem": False}),
+                                             "stem": False, "grn": False}),
+    (kc.ConvNeXtStage(16, [0.0], None, grn=True), {"dim": 16, "drop_path_rates": [0.0], "layer_scale_init_value": None,
+                                                  "stem": False, "grn": True}),
     (StochasticDepth(0.2, seed=7), {"rate": 0.2, "seed": 7}),
 ])
 def test_get_config_returns_the_constructor_arguments(layer, config):
@@ -550,7 +553,17 @@ def tiny_family(**kwargs):
     return kc.ConvNeXt(TINY["depths"], TINY["dims"], **kwargs)
 
 
-FAMILIES = {"convnext_v1": (tiny_family, TINY["dims"][-1])}
+def tiny_v2_family(**kwargs):
+    """The ConvNeXt V2 family at the harness's size, its GRN parameters of order 1 (zero ones make GRN the identity)."""
+    model = kc.ConvNeXtV2(TINY["depths"], TINY["dims"], **{"weights": None, **kwargs})
+    rng = np.random.default_rng(0)
+    for variable in model.weights:
+        if "/grn/" in variable.path:
+            variable.assign(rng.uniform(0.3, 1.0, variable.shape).astype("float32"))
+    return model
+
+
+FAMILIES = {"convnext_v1": (tiny_family, TINY["dims"][-1]), "convnext_v2": (tiny_v2_family, TINY["dims"][-1])}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -655,7 +668,7 @@ def test_config_is_the_constructor_arguments():
         "name": "mine", "trainable": True, "depths": list(TINY["depths"]), "dims": list(TINY["dims"]),
         "include_top": False, "include_preprocessing": True, "input_shape": [None, None, 2], "pooling": "max",
         "classes": 7, "classifier_activation": "softmax", "drop_path_rate": 0.2, "layer_scale_init_value": 1e-6,
-        "head_init_scale": 1.0, "mean": None, "std": None, "norm_epsilon": 1e-6,
+        "head_init_scale": 1.0, "mean": None, "std": None, "norm_epsilon": 1e-6, "version": 1,
     }
     again = kc.ConvNeXtModel.from_config(config)
     assert again.get_config() == config and again.count_params() == model.count_params()

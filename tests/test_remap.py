@@ -303,3 +303,97 @@ def test_remap_and_assign_import_no_keras_and_no_backend():
     assert done.stdout.splitlines() == ["timm downsample_layers_0_0", "keras_convnext keras_convnext.assign "
                                         "keras_convnext.checkpoints keras_convnext.checks keras_convnext.names "
                                         "keras_convnext.remap keras_convnext.variants"]
+
+
+# --- ConvNeXt V2 ------------------------------------------------------------------------------
+
+V2_KEYS = {  # the GRN of each layout -> official V2 names; the rest is V1's renaming
+    "stages.1.blocks.0.mlp.grn.weight": "stages.1.0.grn.gamma",  # timm, (C,)
+    "stages.1.blocks.0.mlp.grn.bias": "stages.1.0.grn.beta",
+    "convnextv2.encoder.stages.2.layers.7.grn.weight": "stages.2.7.grn.gamma",  # Hugging Face, (1, 1, 1, C)
+    "convnextv2.encoder.stages.2.layers.7.grn.bias": "stages.2.7.grn.beta",
+}
+
+
+def test_timm_v2_keys_become_official_keys():
+    keys = {**TIMM, **dict(list(V2_KEYS.items())[:2])}
+    del keys["stages.3.blocks.1.gamma"]
+    state = dict(zip(keys, values(*[(2,)] * len(keys))))
+    assert renamed(state) == (keys, "timm")
+
+
+@pytest.mark.parametrize("prefix", ["convnextv2.", ""])
+def test_hugging_face_v2_keys_become_official_keys_with_or_without_the_backbone_prefix(prefix):
+    keys = {k.replace("convnext.", "convnextv2.", 1): v for k, v in HUGGING_FACE.items() if "layer_scale" not in k}
+    keys.update(dict(list(V2_KEYS.items())[2:]))
+    keys = {k.replace("convnextv2.", prefix, 1): v for k, v in keys.items()}
+    state = dict(zip(keys, values(*[(2,)] * len(keys))))
+    assert renamed(state) == (keys, "huggingface")
+
+
+@pytest.mark.parametrize("stored", [(8,), (1, 1, 1, 8)])
+def test_a_grn_becomes_one_flat_module_of_c_values(stored):
+    gamma, beta = values(stored, stored)
+    layers = remap.official_to_flat({"stages.0.3.grn.gamma": gamma, "stages.0.3.grn.beta": beta}, "x.pt")
+    assert list(layers) == ["stages_0_3_grn"] and sorted(layers["stages_0_3_grn"]) == ["beta", "gamma"]
+    np.testing.assert_array_equal(layers["stages_0_3_grn"]["gamma"], gamma.reshape(8))
+    np.testing.assert_array_equal(layers["stages_0_3_grn"]["beta"], beta.reshape(8))
+    assert layers["stages_0_3_grn"]["gamma"].shape == (8,)
+
+
+@pytest.mark.parametrize("shape", [(2, 4), (1, 1, 8, 1), (8, 1, 1, 1), (1, 1, 1, 1, 8), ()])
+def test_a_grn_of_any_other_shape_is_refused_by_name(shape):
+    with refused(f"x.pt: tensor 'stages.0.3.grn.gamma' has shape {shape}; 'stages_0_3_grn.gamma' holds a 1-D "
+                 "tensor (or (1, 1, 1, C))."):
+        remap.official_to_flat({"stages.0.3.grn.gamma": np.ones(shape, "f4")}, "x.pt")
+
+
+@pytest.mark.parametrize("key", ["stages.0.0.grn.weight", "stages.0.0.grn.bias", "stages.0.0.grn.scale"])
+def test_a_grn_parameter_outside_the_official_names_is_refused(key):
+    with refused(f"x.pt: unexpected tensor {key!r} (3,) in the checkpoint."):
+        remap.official_to_flat({key: np.ones(3, "f4")}, "x.pt")
+
+
+def flat_checkpoint(version, depths=(1, 1, 1, 1), dims=(2, 3, 4, 5), classes=6):
+    layers = {}
+    for (name, param), shape in remap.expected_shapes(depths, dims, classes, version=version).items():
+        layers.setdefault(name, {})[param] = np.zeros(shape, "f4")
+    return layers
+
+
+def test_a_v2_flat_checkpoint_is_checked_whole():
+    shapes = remap.expected_shapes((1, 1, 1, 1), (2, 3, 4, 5), classes=6, version=2)
+    assert shapes[("stages_2_0_grn", "gamma")] == shapes[("stages_2_0_grn", "beta")] == (16,)
+    assert not [name for name, _ in shapes if name.endswith("_gamma")]  # no layer scale in V2
+    layers = flat_checkpoint(2)
+    remap.check_complete(layers, "x.pt")
+    arch = remap.architecture_of(layers)
+    assert arch == ((1, 1, 1, 1), (2, 3, 4, 5), 6) and arch.version == 2 and arch.family == "ConvNeXt V2"
+    assert remap.architecture_of(flat_checkpoint(1)).version == 1
+    del layers["stages_3_0_grn"]["beta"]
+    with refused("x.pt: missing tensor 'stages_3_0_grn.beta' (shape (20,) in the ConvNeXt V2 of depths (1, 1, 1, 1) "
+                 "and dims (2, 3, 4, 5) it holds)."):
+        remap.check_complete(layers, "x.pt")
+    layers["stages_3_0_grn"]["beta"] = np.zeros(5, "f4")
+    with refused("x.pt: tensor 'stages_3_0_grn.beta' has shape (5,), the ConvNeXt V2 of depths (1, 1, 1, 1) and "
+                 "dims (2, 3, 4, 5) it holds expects (20,)."):
+        remap.check_complete(layers, "x.pt")
+
+
+def test_a_checkpoint_mixing_layer_scales_and_grn_is_refused():
+    layers = flat_checkpoint(2)
+    layers["stages_1_0_gamma"] = {"gamma": np.zeros(3, "f4")}
+    message = ("x.pt: holds both ConvNeXt layer scales ('stages_1_0_gamma.gamma') and ConvNeXt V2 GRN tensors "
+               "('stages_0_0_grn.gamma'): a checkpoint is of one family.")
+    with refused(message):
+        remap.check_complete(layers, "x.pt")
+    with refused(message):
+        remap.architecture_of(layers, "x.pt")
+
+
+def test_a_v1_checkpoint_without_its_layer_scales_is_not_taken_for_v2():
+    layers = flat_checkpoint(1)
+    del layers["stages_0_0_gamma"]
+    with refused("x.pt: missing tensor 'stages_0_0_gamma.gamma' (shape (2,) in the ConvNeXt of depths (1, 1, 1, 1) "
+                 "and dims (2, 3, 4, 5) it holds)."):
+        remap.check_complete(layers, "x.pt")

@@ -47,7 +47,8 @@ def test_recipe_table_holds_the_papers_values():
     assert (r384.layer_decay, r384.image_size, r384.crop_pct) == (0.7, 384, 1.0)
     r22 = get_recipe("in22k")
     assert (r22.epochs, r22.warmup_epochs, r22.drop_path_for("xlarge")) == (90, 5, 0.2)
-    assert recipes.list_recipes() == ["finetune", "ft_384", "in1k", "in22k", "in22k_ft_in1k"]
+    assert recipes.list_recipes() == ["fcmae", "fcmae_ft_atto", "fcmae_ft_base", "fcmae_ft_tiny", "finetune", "ft_384",
+                                      "in1k", "in22k", "in22k_ft_in1k"]
 
 
 def test_recipe_overrides_and_errors():
@@ -57,7 +58,7 @@ def test_recipe_overrides_and_errors():
     assert r.peak_lr() == pytest.approx(4e-3 * 64 / 4096)
     assert get_recipe("in1k", epochs=30, warmup_epochs=5).warmup_epochs == 5
     assert get_recipe("in1k").epochs == 300  # the table is untouched
-    with pytest.raises(ValueError, match=r"Unknown recipe\. Valid values: finetune, ft_384, in1k.*Received: recipe='in2k'"):
+    with pytest.raises(ValueError, match=r"Unknown recipe\. Valid values: fcmae, .*finetune, ft_384, in1k.*Received: recipe='in2k'"):
         get_recipe("in2k")
     with pytest.raises(ValueError, match=r"Unknown recipe field 'mixupp'.*Received: mixupp=0.5"):
         get_recipe("in1k", mixupp=0.5)
@@ -89,6 +90,64 @@ def test_ema_momentum_keeps_its_horizon_on_short_runs():
     assert get_recipe("in1k", ema_scale_to_run=False).ema_momentum_for(690) == 0.9999
     assert r.ema_momentum_for(5) == 0.0  # a run shorter than the horizon: no averaging
     assert get_recipe("in22k").ema_momentum_for(690) is None
+
+
+def test_v2_grn_variables_share_their_blocks_layer_group():
+    from keras_convnext.recipes import layer_id_single
+
+    model = ConvNeXt(TINY["depths"], TINY["dims"], weights=None, layer_scale_init_value=None, version=2,
+                     input_shape=(32, 32, 3))
+    grn = [v for v in model.trainable_variables if "/grn/" in v.path]
+    assert len(grn) == 2 * sum(TINY["depths"])
+    for v in grn:
+        block = v.path.rsplit("/grn/", 1)[0]
+        assert layer_group(v.path) == layer_group(f"{block}/pwconv1/kernel") != NUM_HEAD_GROUP
+        assert layer_id_single(v.path, TINY["depths"]) == layer_id_single(f"{block}/dwconv/kernel", TINY["depths"])
+    # ConvNeXt-V2's "single" ids (optim_factory): downsampling i -> sum(depths[:i]) + 1, block j -> ... + j + 1.
+    depths = (2, 2, 6, 2)
+    assert layer_id_single("stages_0/downsample/conv/kernel", depths) == 1
+    assert layer_id_single("stages_0/block_1/grn/gamma", depths) == 2
+    assert layer_id_single("stages_2/downsample/norm/gamma", depths) == 5
+    assert layer_id_single("stages_2/block_5/pwconv2/kernel", depths) == 10
+    assert layer_id_single("stages_3/block_1/grn/beta", depths) == 12
+    assert layer_id_single("norm/gamma", depths) == layer_id_single("head/kernel", depths) == 13
+    # The optimizer counts the depths from the variables and scales by decay ** (sum(depths) + 1 - id).
+    opt = AdamWLayerDecay(1.0, layer_decay=0.5, layer_decay_type="single")
+    opt.build(model.trainable_variables)
+    assert opt.depths == list(TINY["depths"])
+    rates = opt.learning_rates()
+    total = sum(TINY["depths"])
+    assert rates["stages_0/downsample/conv/kernel"] == 0.5 ** total
+    assert rates["stages_3/block_0/grn/gamma"] == 0.5 ** 1 and rates["head/kernel"] == 1.0
+    assert AdamWLayerDecay.from_config(opt.get_config()).layer_decay_type == "single"
+
+
+NUM_HEAD_GROUP = recipes.NUM_LAYER_GROUPS + 1
+
+
+def test_the_fcmae_recipes_follow_the_official_commands():
+    pre = get_recipe("fcmae")
+    assert pre.self_supervised and pre.mask_ratio == 0.6 and (pre.beta_1, pre.beta_2) == (0.9, 0.95)
+    assert pre.peak_lr(256) == pytest.approx(1.5e-4) and pre.weight_decay == 0.05 and pre.min_lr == 0.0
+    assert (pre.epochs, pre.warmup_epochs) == (1600, 40) and get_recipe("fcmae", epochs=80).warmup_epochs == 2
+    assert pre.scale == (0.2, 1.0) and pre.hflip == 0.5 and pre.rand_augment is None
+    assert pre.mixup == pre.cutmix == pre.random_erasing == pre.color_jitter == 0.0 and pre.ema_momentum is None
+    table = {  # ConvNeXt-V2 TRAINING.md
+        "fcmae_ft_atto": dict(lr=2e-4, epochs=600, warmup_epochs=0, layer_decay=0.9, layer_decay_type="single",
+                              weight_decay=0.3, drop_path_rate=0.1, mixup=0.0, cutmix=0.0, label_smoothing=0.2),
+        "fcmae_ft_tiny": dict(lr=8e-4, epochs=300, warmup_epochs=40, layer_decay=0.9, layer_decay_type="single",
+                              weight_decay=0.05, drop_path_rate=0.2, mixup=0.8, cutmix=1.0, label_smoothing=0.1),
+        "fcmae_ft_base": dict(lr=6.25e-4, epochs=100, warmup_epochs=20, layer_decay=0.6, layer_decay_type="group",
+                              weight_decay=0.05, drop_path_rate=0.1, mixup=0.8, cutmix=1.0, label_smoothing=0.1),
+    }
+    for name, fields in table.items():
+        recipe = get_recipe(name)
+        assert {k: getattr(recipe, k) for k in fields} == fields, name
+        assert recipe.lr_batch_size == 256 and recipe.batch_size == 1024 and recipe.ema_momentum == 0.9999
+        assert recipe.random_erasing == 0.25 and recipe.rand_augment == (9, 0.5) and recipe.head_init_scale == 0.001
+        assert not recipe.self_supervised and recipe.weights == "fcmae"
+    with pytest.raises(ValueError, match=r"`layer_decay_type` .*Received: layer_decay_type='per_block'"):
+        get_recipe("fcmae_ft_atto", layer_decay_type="per_block")
 
 
 def test_layer_groups_follow_the_official_grouping():
@@ -405,21 +464,36 @@ def tiny_weights(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("name", ["in1k", "in22k", "in22k_ft_in1k", "ft_384", "finetune"])
-def test_one_training_step_of_every_recipe_on_tfds(name, tiny_weights, tmp_path):
+@pytest.fixture(scope="module")
+def tiny_v2_encoder(tmp_path_factory):
+    """A random-init headless V2 encoder of the test shape: what the FCMAE fine-tuning recipes start from."""
+    from keras_convnext import ConvNeXtV2
+
+    path = str(tmp_path_factory.mktemp("ckpt") / "tiny_v2_encoder.keras")
+    ConvNeXtV2(TINY["depths"], TINY["dims"], weights=None, include_top=False, input_shape=(32, 32, 3)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("name", ["in1k", "in22k", "in22k_ft_in1k", "ft_384", "finetune",
+                                  "fcmae_ft_atto", "fcmae_ft_base"])
+def test_one_training_step_of_every_recipe_on_tfds(name, tiny_weights, tiny_v2_encoder, tmp_path):
     import tensorflow_datasets as tfds
+    from keras_convnext.variants import Variant
 
     recipe = get_recipe(name)
-    preset = tiny_weights if recipe.weights else None
+    # The V2 fine-tuning recipes ("single" per-block and "group" layer decay) start from an FCMAE encoder.
+    v2 = name.startswith("fcmae_ft")
+    variant = Variant("test_tiny_v2", TINY["depths"], TINY["dims"], version=2) if v2 else tiny_variant()
+    preset = (tiny_v2_encoder if v2 else tiny_weights) if recipe.weights else None
     probe = _Steps()
     with tfds.testing.mock_data(num_examples=8):
-        result = train("cifar10", str(tmp_path), variant=tiny_variant(), recipe=name, preset=preset, image_size=32,
+        result = train("cifar10", str(tmp_path), variant=variant, recipe=name, preset=preset, image_size=32,
                        epochs=1, batch_size=8, verbose=0, callbacks=[probe])
     assert probe.batches == 1 and math.isfinite(probe.loss)
     assert probe.moved > 0  # the step changed the weights
     assert len(result["classes"]) == 10 and result["epochs"] == 1
     model = keras.saving.load_model(result["model"])
-    assert model.output_shape == (None, 10)
+    assert model.output_shape == (None, 10) and model.version == (2 if v2 else 1)
     assert [int(r["epoch"]) for r in read_history(result["history"])] == [0]
     assert open(result["curves"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert not os.path.exists(tmp_path / "backup")
@@ -480,7 +554,8 @@ def test_train_command_refuses_bad_data(make, message, tmp_path, capsys):
 
 
 def test_train_refuses_an_unknown_variant(folder, tmp_path):
-    with pytest.raises(ValueError, match=r"Unknown variant\. Valid values: atto, femto, .*xlarge or a `Variant`\. "
+    with pytest.raises(ValueError, match=r"Unknown variant\. Valid values: atto, femto, .*xlarge, convnextv2_atto, .*convnextv2_huge "
+                                         r"or a `Variant`\. "
                                          r"Received: variant='mega'"):
         train(folder, str(tmp_path), variant="mega")
     assert not os.path.exists(tmp_path / "model.keras")

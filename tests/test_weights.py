@@ -13,7 +13,8 @@ import zipfile
 import keras
 import numpy as np
 import pytest
-from peers import TINY_DEPTHS, TINY_DIMS, hf_model, keras_apps_tiny, timm_model, timm_to_official, torch_logits
+from peers import (TINY_DEPTHS, TINY_DIMS, hf_model, hf_v2_model, keras_apps_tiny, timm_features, timm_model,
+                   timm_to_official, torch_logits)
 
 import keras_convnext as kc
 from keras_convnext import checkpoints, names, remap
@@ -150,7 +151,7 @@ def test_convert_reads_the_architecture_and_refuses_to_overwrite(atto, tmp_path)
         kc.convert(str(folder / "official.pth"), str(dst))
     with pytest.raises(ValueError, match=r"must end in '.keras' or '.weights.h5'. Received: dst="):
         kc.convert(str(folder / "official.pth"), str(tmp_path / "out.h5"))
-    with pytest.raises(CheckpointError, match=r"depths \(2, 2, 6, 2\).*not ConvNeXt-tiny"):
+    with pytest.raises(CheckpointError, match=r"depths \(2, 2, 6, 2\).*not ConvNeXt-Tiny \(variant 'tiny'\)"):
         kc.convert(str(folder / "official.pth"), str(tmp_path / "x.keras"), variant="tiny")
 
 
@@ -394,13 +395,15 @@ def save_safetensors(state, path):
     return path
 
 
+@pytest.mark.parametrize("version", [1, 2])
 @pytest.mark.parametrize("include_top, pooling", [(True, None), (False, "avg"), (False, None)])
-def test_the_shapes_a_checkpoint_is_checked_against_are_the_models(include_top, pooling):
-    model = kc.ConvNeXt(TINY_DEPTHS, TINY_DIMS, weights=None, include_top=include_top, pooling=pooling, classes=7)
+def test_the_shapes_a_checkpoint_is_checked_against_are_the_models(include_top, pooling, version):
+    build = kc.ConvNeXtV2 if version == 2 else kc.ConvNeXt
+    model = build(TINY_DEPTHS, TINY_DIMS, weights=None, include_top=include_top, pooling=pooling, classes=7)
     built = {(layer, param): tuple(v.shape) for layer, vs in names.variables_by_module(model).items()
              for param, v in vs.items()}
     classes = 7 if include_top else None
-    assert remap.expected_shapes(TINY_DEPTHS, TINY_DIMS, classes, with_norm=pooling == "avg") == built
+    assert remap.expected_shapes(TINY_DEPTHS, TINY_DIMS, classes, with_norm=pooling == "avg", version=version) == built
 
 
 def test_a_complete_checkpoint_of_numpy_arrays_reads(tmp_path):
@@ -598,3 +601,130 @@ def test_the_old_names_stay_importable_from_weights():
 
     assert official_to_keras is remap.official_to_flat and keras_apps_to_keras is remap.keras_apps_to_flat
     assert DownloadError is kc.DownloadError and convert is kc.convert and fetch_preset is kc.fetch_preset
+
+
+# --- ConvNeXt V2: timm, official and Hugging Face files, FCMAE encoders -----------------------
+
+V2_ATTO = r"depths \(2, 2, 6, 2\) and dims \(40, 80, 160, 320\)"
+
+
+@pytest.fixture(scope="module")
+def atto_v2(tmp_path_factory):
+    """A random timm convnextv2_atto (1x1-conv MLP, channels-first GRN; GRN weight and bias around 0.5) as .pth,
+    .safetensors, an official-layout {"model": ...} .pt, and its encoder alone (no head, no final norm)."""
+    from safetensors.torch import save_file
+
+    peer = timm_model("convnextv2_atto", num_classes=10)
+    state = peer.state_dict()
+    assert min(float(v.abs().min()) for k, v in state.items() if ".grn." in k) > 0.1  # a GRN that acts
+    folder = tmp_path_factory.mktemp("atto_v2")
+    torch.save(state, folder / "atto.pth")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "atto.safetensors"))
+    official = timm_to_official(state)
+    assert official["stages.0.0.grn.gamma"].shape == (1, 1, 1, 160)
+    torch.save({"model": official}, folder / "official.pt")
+    save_file({k: v.contiguous() for k, v in state.items() if not k.startswith("head.")},
+              str(folder / "encoder.safetensors"))
+    torch.save({"model": {k: v for k, v in official.items() if not k.startswith(("head.", "norm."))}},
+               folder / "encoder.pt")
+    return peer, folder
+
+
+@pytest.mark.parametrize("file", ["atto.pth", "atto.safetensors", "official.pt"])
+def test_v2_atto_parity(atto_v2, file, pixels):
+    peer, folder = atto_v2
+    model = kc.ConvNeXtV2Atto(weights=str(folder / file), classes=10, input_shape=(64, 64, 3),
+                              classifier_activation=None)
+    diff = np.abs(logits(model, pixels) - torch_logits(peer, pixels)).max()
+    assert diff <= TOL, diff
+
+
+def test_v2_tiny_parity_timm_and_official(tmp_path, pixels):
+    peer = timm_model("convnextv2_tiny", num_classes=1000)  # Linear MLP, channels-last GRN
+    torch.save(peer.state_dict(), tmp_path / "tiny.pth")
+    torch.save({"model": timm_to_official(peer.state_dict())}, tmp_path / "official_tiny.pt")
+    expected = torch_logits(peer, pixels)
+    for name in ("tiny.pth", "official_tiny.pt"):
+        model = kc.ConvNeXtV2Tiny(weights=str(tmp_path / name), input_shape=(64, 64, 3), classifier_activation=None)
+        diff = np.abs(logits(model, pixels) - expected).max()
+        assert diff <= TOL, (name, diff)
+
+
+def test_v2_hugging_face_parity(tmp_path, pixels):
+    peer = hf_v2_model(num_labels=10)
+    peer.save_pretrained(tmp_path)  # model.safetensors (convnextv2.* keys, GRN (1, 1, 1, C)) + config.json
+    model = kc.ConvNeXtV2(TINY_DEPTHS, TINY_DIMS, weights=str(tmp_path / "model.safetensors"), classes=10,
+                          input_shape=(64, 64, 3), classifier_activation=None)
+    assert model.get_layer("norm").epsilon == 1e-12
+    diff = np.abs(logits(model, pixels) - torch_logits(peer, pixels)).max()
+    assert diff <= TOL, diff
+
+
+@pytest.mark.parametrize("file", ["encoder.safetensors", "encoder.pt"])
+def test_an_fcmae_style_encoder_loads_without_top_and_fine_tunes_with_a_fresh_norm_and_head(atto_v2, file, pixels):
+    peer, folder = atto_v2
+    path = str(folder / file)
+    layers, info = weights_lib.read_weights(path)
+    assert weights_lib.architecture_of(layers) == ((2, 2, 6, 2), (40, 80, 160, 320), None)
+    assert info["version"] == 2 and "norm" not in layers and "head" not in layers
+    encoder = kc.ConvNeXtV2Atto(weights=path, include_top=False, pooling=None, input_shape=(64, 64, 3))
+    expected = timm_features(peer, pixels)  # (2, 2, 2, 320): the last stage's map, before any norm
+    diff = np.abs(logits(encoder, pixels) - expected).max()
+    assert diff <= TOL * max(1.0, np.abs(expected).max()), diff  # (features of size ~50: relative)
+    with pytest.warns(UserWarning, match=rf"{file}: the checkpoint holds no final norm or head \(an encoder, as "
+                                         r"FCMAE's\): loaded the backbone and started a fresh final norm and head"):
+        model = kc.ConvNeXtV2Atto(weights=path, classes=3, input_shape=(64, 64, 3))
+    features = keras.Model(model.input, model.get_layer("stages_3").output)
+    np.testing.assert_allclose(logits(features, pixels), logits(encoder, pixels), atol=1e-5)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(model.get_layer("norm").gamma), np.ones(320))
+
+
+def test_a_converted_v2_checkpoint_is_a_v2_model(atto_v2, tmp_path, pixels):
+    peer, folder = atto_v2
+    path = kc.convert(str(folder / "official.pt"), str(tmp_path / "v2.keras"), variant="convnextv2_atto")
+    model = weights_lib.load_keras_model(path)
+    assert model.version == 2 and model.variant == "convnextv2_atto" and model.layer_scale_init_value is None
+    model = kc.ConvNeXtV2Atto(weights=path, classes=10, input_shape=(64, 64, 3), classifier_activation=None)
+    diff = np.abs(logits(model, pixels) - torch_logits(peer, pixels)).max()
+    assert diff <= TOL, diff
+    with pytest.raises(CheckpointError, match=rf"official.pt: the checkpoint holds a ConvNeXt V2 of {V2_ATTO}, not "
+                                              r"ConvNeXt-Atto \(variant 'atto'\)"):
+        kc.convert(str(folder / "official.pt"), str(tmp_path / "v1.keras"), variant="atto")
+
+
+def test_a_checkpoint_of_the_other_family_is_one_line_naming_the_builder(atto, atto_v2):
+    with pytest.raises(CheckpointError, match=r"^\S*atto.pth: the checkpoint holds ConvNeXt weights \(layer scales, no "
+                                              r"GRN\), the model is a ConvNeXt V2: build it with ConvNeXtAtto.$"):
+        kc.ConvNeXtV2Atto(weights=str(atto[1] / "atto.pth"), classes=10)
+    with pytest.raises(CheckpointError, match=r"^\S*atto.safetensors: the checkpoint holds ConvNeXt V2 weights \(GRN "
+                                              r"in every block\), the model is a ConvNeXt: build it with "
+                                              r"ConvNeXtV2Atto.$"):
+        kc.ConvNeXtAtto(weights=str(atto_v2[1] / "atto.safetensors"), classes=10)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing_grn", rf"missing tensor 'stages_1_0_grn.beta' \(shape \(320,\) in the ConvNeXt V2 of {V2_ATTO} it "
+                    r"holds\)."),
+    ("grn_of_another_size", rf"tensor 'stages_2_3_grn.gamma' has shape \(641,\), the ConvNeXt V2 of {V2_ATTO} it "
+                            r"holds expects \(640,\)."),
+    ("grn_of_another_rank", r"tensor 'stages.0.blocks.1.mlp.grn.weight' has shape \(1, 160\); "
+                            r"'stages_0_1_grn.gamma' holds a 1-D tensor \(or \(1, 1, 1, C\)\)."),
+    ("extra", r"unexpected tensor 'stages.1.blocks.0.mlp.grn.scale' \(320,\) in the checkpoint."),
+    ("layer_scale_too", r"holds both ConvNeXt layer scales \('stages_0_0_gamma.gamma'\) and ConvNeXt V2 GRN tensors "
+                        r"\('stages_0_0_grn.gamma'\): a checkpoint is of one family."),
+])
+def test_v2_bookkeeping_names_the_tensor(atto_v2, tmp_path, case, message):
+    state = dict(atto_v2[0].state_dict())
+    if case == "missing_grn":
+        del state["stages.1.blocks.0.mlp.grn.bias"]
+    elif case == "grn_of_another_size":
+        state["stages.2.blocks.3.mlp.grn.weight"] = torch.ones(641)
+    elif case == "grn_of_another_rank":
+        state["stages.0.blocks.1.mlp.grn.weight"] = torch.ones(1, 160)
+    elif case == "extra":
+        state["stages.1.blocks.0.mlp.grn.scale"] = torch.ones(320)
+    else:
+        state["stages.0.blocks.0.gamma"] = torch.ones(40)
+    torch.save(state, tmp_path / f"{case}.pth")
+    with pytest.raises(CheckpointError, match=rf"^\S*{case}.pth: {message}$"):
+        kc.ConvNeXtV2Atto(weights=str(tmp_path / f"{case}.pth"), classes=10)
