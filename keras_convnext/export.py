@@ -290,21 +290,27 @@ def _run_child(command, env, log):
     """Runs `command` to its end and returns its exit status; the child never outlives this call.
 
     On SIGTERM/SIGINT (main thread only) or any exception, the child is killed and waited for first.
+    The handlers are set before the child starts: a signal while `Popen` runs is held until the child
+    exists (raising inside `Popen` could leave a started child without its handle), then acted on.
     """
-    state = {"armed": True, "pending": None}
+    state = {"armed": False, "pending": None}
 
     def on_signal(signum, frame):
         if state["armed"]:
             state["armed"] = False
             raise _Interrupted(signum, frame)
-        state["pending"] = state["pending"] or signum  # the child had ended: sent again once it is reaped
+        state["pending"] = state["pending"] or (signum, frame)  # before the child started, or after it ended
 
     previous, child = {}, None
     stderr = open(log, "wb")
     try:
+        _install(on_signal, previous)
         child = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                  stderr=stderr)
-        _install(on_signal, previous)
+        state["armed"] = True
+        if state["pending"]:  # came while the child started
+            state["armed"], (signum, frame), state["pending"] = False, state["pending"], None
+            raise _Interrupted(signum, frame)
         return child.wait()
     finally:
         try:
@@ -318,7 +324,7 @@ def _run_child(command, env, log):
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
             if state["pending"]:
-                os.kill(os.getpid(), state["pending"])
+                os.kill(os.getpid(), state["pending"][0])
 
 
 def _install(handler, previous):
