@@ -11,6 +11,9 @@ import sys
 from keras_convnext.variants import VARIANTS
 
 VARIANT_NAMES = tuple(VARIANTS)
+# dense_train.HEADS' names (it imports nothing heavy either; tests/test_cli.py checks that they agree).
+DENSE_TASKS = ("detection", "segmentation")
+DENSE_HEADS = ("retinanet", "deeplabv3", "upernet")
 # The names of recipes.RECIPES, which imports Keras (tests/test_cli.py checks that the two agree).
 RECIPE_NAMES = ("in1k", "in22k", "in22k_ft_in1k", "ft_384", "finetune", "fcmae", "fcmae_ft_atto", "fcmae_ft_tiny",
                 "fcmae_ft_base")
@@ -105,8 +108,40 @@ def _recipe_overrides(items):
     return overrides
 
 
+def _cmd_train_dense(args):
+    if args.set or args.val_split is not None or args.recipe != "finetune" or args.skip_bad_images or args.restart:
+        flag = ("--set" if args.set else "--val-split" if args.val_split is not None else
+                "--recipe" if args.recipe != "finetune" else "--skip-bad-images" if args.skip_bad_images else
+                "--restart")
+        raise ValueError(f"{flag} is for classification; --task {args.task} takes --head, --variant, --preset, "
+                         f"--image-size, --epochs, --batch-size, --lr, --val-dir, --seed. Received: {flag}")
+    try:
+        import keras_hub  # noqa: F401
+    except ImportError as e:
+        raise ValueError("--task detection|segmentation needs keras-hub: pip install 'keras-convnext[hub]'") from e
+    from keras_convnext.dense_train import train_dense
+
+    result = train_dense(args.data, args.out, args.task, head=args.head, variant=args.variant,
+                         weights=args.preset, image_size=args.image_size or 128, epochs=args.epochs or 12,
+                         batch_size=args.batch_size or 16, lr=1e-3 if args.lr is None else args.lr, seed=args.seed,
+                         val_dir=args.val_dir, num_scenes=tuple(args.scenes), verbose=2 if args.quiet else "auto")
+    if args.json:
+        print(json.dumps(result))
+        return
+    score = (f"held-out mAP@0.5 {result['map50']:.4f}, mAP@[.5:.95] {result['map']:.4f}" if args.task == "detection"
+             else f"held-out mIoU {result['miou']:.4f}")
+    print(f"{VARIANTS[args.variant].title} + {result['head']}, {result['epochs']} epochs on {result['data']}: "
+          f"{score}, {result['seconds']:.0f} s")
+    print(f"wrote {result['model']}, {result['history']}")
+
+
 def _cmd_train(args):
     from keras_convnext.training import train
+
+    if args.task != "classification":
+        return _cmd_train_dense(args)
+    if args.head:
+        raise ValueError(f"--head is for --task detection|segmentation. Received: --head {args.head}")
 
     overrides = _recipe_overrides(args.set)
     result = train(args.data, args.out, variant=args.variant, recipe=args.recipe, preset=args.preset,
@@ -190,8 +225,17 @@ def build_parser():
                                    "pre-trains a ConvNeXt V2 on unlabelled images and writes OUT/encoder.keras "
                                    "(fine-tune it with --preset OUT/encoder.keras) and OUT/fcmae.keras.")
     p.add_argument("data", metavar="DATA_DIR", help="folder with one sub-folder of images per class, or a TFDS name; "
+                                                    "for --task detection|segmentation, 'digit-scenes' too; "
                                                     "for --recipe fcmae, any folder of images (no labels)")
     p.add_argument("--variant", default="atto", choices=VARIANT_NAMES)
+    p.add_argument("--task", default="classification", choices=("classification",) + DENSE_TASKS,
+                   help="detection (keras-hub RetinaNet) or segmentation (keras-hub DeepLabV3, or UperNet) on "
+                        "DATA: 'digit-scenes', a TFDS name (coco/2017, scene_parse150) or a folder in the layout "
+                        "of docs/dense.md; writes OUT/task.keras, OUT/history.csv, OUT/result.json")
+    p.add_argument("--head", choices=DENSE_HEADS, help="dense tasks: retinanet | deeplabv3 (default for "
+                                                          "segmentation) | upernet")
+    p.add_argument("--scenes", type=int, nargs=2, metavar=("TRAIN", "HELD_OUT"), default=(512, 128),
+                   help="digit-scenes: how many training and held-out scenes (default 512 128)")
     p.add_argument("--recipe", default="finetune", choices=RECIPE_NAMES)
     p.add_argument("--preset", help="weights to start from: preset name, 'imagenet' or a checkpoint file "
                                     "(default: the recipe's)")

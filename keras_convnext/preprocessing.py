@@ -215,6 +215,12 @@ def _open(source, path):
     return image
 
 
+def open_image(path):
+    """`PIL.Image.open` on a regular file, refusing more pixels than `max_image_pixels()` from the header
+    (`ImageReadError`, naming the file); for the callers that need the image's own mode (class masks)."""
+    return _open(os.fspath(path), os.fspath(path))
+
+
 def _rgb_image(image):
     """A PIL image of any mode -> RGB: PIL's `convert("RGB")`, except for 16- and 32-bit grayscale.
 
