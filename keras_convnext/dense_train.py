@@ -276,7 +276,7 @@ def train_dense(data, out, task, head=None, variant="atto", weights=None, image_
     os.makedirs(out, exist_ok=True)
     history_path = os.path.join(out, "history.csv")
     start = time.perf_counter()
-    history = model.fit(train, epochs=epochs, verbose=verbose)
+    history = model.fit(train, epochs=epochs, verbose=verbose, shuffle=False)  # the dataset shuffles itself
     seconds = time.perf_counter() - start
     if task == "detection":
         score = coco_map(model, test, num_classes)

@@ -120,7 +120,7 @@ SEG_SCENES = dict(digit_size=(16, 28), max_digits=3)
 
 def test_train_dense_segmentation_writes_a_task_that_reloads(tmp_path):
     result = dense_train.train_dense("digit-scenes", tmp_path / "run", "segmentation", head="upernet",
-                                     variant=VARIANT, image_size=64, epochs=1, batch_size=8, num_scenes=(16, 8),
+                                     variant=VARIANT, image_size=64, epochs=1, batch_size=8, num_scenes=(8, 8),
                                      scene_args=SEG_SCENES, upernet_channels=(16, 8), verbose=0)
     assert result["head"] == "upernet" and result["variant"] == "test_tiny" and 0.0 <= result["miou"] <= 1.0
     assert json.loads((tmp_path / "run" / "result.json").read_text()) == json.loads(json.dumps(result))
