@@ -95,6 +95,15 @@ def test_retinanet_is_built_for_its_size_with_coco_decoding():
     assert isinstance(task, keras_hub.models.RetinaNetObjectDetector)
     assert task.bounding_box_format == "xyxy" and task.backbone.image_shape == (128, 128, 3)
     assert task.prediction_decoder.confidence_threshold == dense_train.SCORE_THRESHOLD
+    # The paper's head init (keras-hub 0.32 gives the prior bias to the box head): every anchor starts at p 0.01.
+    x = np.random.default_rng(0).uniform(0, 255, (2, 128, 128, 3)).astype("float32")
+    out = task(task.preprocessor(x))
+    probability = keras.ops.convert_to_numpy(keras.ops.sigmoid(out["cls_logits"]))
+    np.testing.assert_allclose(probability, 0.01, atol=0.002)
+    assert np.abs(keras.ops.convert_to_numpy(out["bbox_regression"])).max() < 0.5
+    for name in ("classification_head", "box_head"):
+        for conv in task.get_layer(name).conv_layers:
+            assert np.std(keras.ops.convert_to_numpy(conv.kernel)) == pytest.approx(0.01, rel=0.05)
 
 
 @pytest.mark.parametrize("kwargs, message", [
