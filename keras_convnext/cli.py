@@ -234,8 +234,9 @@ def build_parser():
                         "of docs/dense.md; writes OUT/task.keras, OUT/history.csv, OUT/result.json")
     p.add_argument("--head", choices=DENSE_HEADS, help="dense tasks: retinanet | deeplabv3 (default for "
                                                           "segmentation) | upernet")
-    p.add_argument("--scenes", type=int, nargs=2, metavar=("TRAIN", "HELD_OUT"), default=(512, 128),
-                   help="digit-scenes: how many training and held-out scenes (default 512 128)")
+    p.add_argument("--scenes", type=int, nargs=2, metavar=("TRAIN", "HELD_OUT"), default=(3072, 128),
+                   help="digit-scenes: how many training and held-out scenes (default 3072 128: a few hundred "
+                        "scenes are memorised, not learnt)")
     p.add_argument("--recipe", default="finetune", choices=RECIPE_NAMES)
     p.add_argument("--preset", help="weights to start from: preset name, 'imagenet' or a checkpoint file "
                                     "(default: the recipe's)")

@@ -184,12 +184,14 @@ def _numpy(value):
 
 # ---- data ------------------------------------------------------------------------------------------
 
-def dense_data(data, task, image_size, batch_size, seed=0, num_scenes=(512, 128), scene_args=None, val_dir=None):
+def dense_data(data, task, image_size, batch_size, seed=0, num_scenes=(3072, 128), scene_args=None,
+               val_dir=None):
     """(train dataset, held-out dataset, number of classes, description) for a `train_dense` source.
 
     `data` is "digit-scenes" (`num_scenes` = (train, held out) scenes of `image_size` px, held out
-    from the other half of `load_digits`; `scene_args`: `digit_scenes`'s other arguments), a TFDS name ("coco/2017" for detection, "scene_parse150"
-    for segmentation, as `dense_data.py` prepares them), or a folder (`dense_folder.py`'s layout).
+    from the other half of `load_digits`; `scene_args`: `digit_scenes`'s other arguments), a TFDS
+    name ("coco/2017" for detection, "scene_parse150" for segmentation, as `dense_data.py` prepares
+    them), or a folder (`dense_folder.py`'s layout).
     """
     from keras_convnext import dense_data as tfds_pipelines
     from keras_convnext import scenes
@@ -224,7 +226,7 @@ def dense_data(data, task, image_size, batch_size, seed=0, num_scenes=(512, 128)
 # ---- training ----------------------------------------------------------------------------------------
 
 def train_dense(data, out, task, head=None, variant="atto", weights=None, image_size=128, epochs=12,
-                batch_size=16, lr=1e-3, weight_decay=0.05, seed=0, num_scenes=(512, 128), scene_args=None,
+                batch_size=16, lr=1e-3, weight_decay=0.05, seed=0, num_scenes=(3072, 128), scene_args=None,
                 val_dir=None, upernet_channels=(512, 256), pre_logits_num_conv_layers=4, verbose="auto"):
     """Trains a keras-hub dense task on a ConvNeXt backbone and scores it on held-out data.
 
