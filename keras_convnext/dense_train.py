@@ -32,6 +32,15 @@ def check_head(task, head):
     return checks.choice("head", head, HEADS[task])
 
 
+def check_retinanet_size(image_size):
+    """RetinaNet's input side: P7 is stride 128, and every level must divide the input exactly for the anchors."""
+    size = checks.integer("image_size", image_size, minimum=32)
+    if size % 128:
+        raise ValueError(f"RetinaNet needs an image size divisible by 128 (its P7 is stride 128). "
+                         f"Received: image_size={size}")
+    return size
+
+
 def build_task(task, backbone, num_classes, head=None, image_size=None, pre_logits_num_conv_layers=4,
                upernet_channels=(512, 256), seed=None):
     """A keras-hub task on `backbone` (a `ConvNeXtBackbone`), taking [0, 255] pixels.
@@ -55,10 +64,7 @@ def build_task(task, backbone, num_classes, head=None, image_size=None, pre_logi
     num_classes = checks.integer("num_classes", num_classes, minimum=1 if task == "detection" else 2)
     converter = ConvNeXtImageConverter.for_stats()  # ImageNet statistics, as every ConvNeXt checkpoint
     if head == "retinanet":
-        size = checks.integer("image_size", image_size, minimum=32)
-        if size % 128:  # P7 is stride 128: every level must divide the input exactly for the anchors
-            raise ValueError(f"RetinaNet needs an image size divisible by 128 (its P7 is stride 128). "
-                             f"Received: image_size={size}")
+        size = check_retinanet_size(image_size)
         shape = (size, size, backbone.input_shape[-1])
         neck = keras_hub.models.RetinaNetBackbone(image_encoder=backbone, min_level=3, max_level=7, use_p5=False,
                                                   image_shape=shape)
@@ -253,7 +259,6 @@ def train_dense(data, out, task, head=None, variant="atto", weights=None, image_
 
     from keras_convnext import files
     from keras_convnext.hub import ConvNeXtBackbone
-
     from keras_convnext.variants import VARIANTS, Variant
 
     head = check_head(task, head)
@@ -263,9 +268,8 @@ def train_dense(data, out, task, head=None, variant="atto", weights=None, image_
     if image_size % 32:
         raise ValueError(f"`image_size` must be a multiple of 32 (the backbone's stride). "
                          f"Received: image_size={image_size}")
-    if head == "retinanet" and image_size % 128:
-        raise ValueError(f"RetinaNet needs an image size divisible by 128 (its P7 is stride 128). "
-                         f"Received: image_size={image_size}")
+    if head == "retinanet":
+        check_retinanet_size(image_size)
     epochs = checks.integer("epochs", epochs, minimum=1)
     batch_size = checks.integer("batch_size", batch_size, minimum=1)
     lr = checks.number("lr", lr, 0.0, None, low_open=True)
