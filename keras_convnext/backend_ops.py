@@ -140,8 +140,6 @@ FORMULATIONS = {
     "shifted_jax": depthwise_conv_same_shifted_jax,
     "keras": depthwise_conv_same_keras,
 }
-# Fastest measured per backend (tensorflow's native depthwise kernel is the fast one there).
-DEFAULT = {"torch": "torch", "jax": "shifted_jax", "tensorflow": "keras"}
 # Formulations that take one backend's own tensors.
 _ONLY_ON = {"torch": "torch", "shifted_jax": "jax"}
 
@@ -153,7 +151,7 @@ def formulations_for(backend=BACKEND):
 
 def depthwise_conv_same(x, kernel, bias, formulation=None):
     """7x7 (any odd k) depthwise convolution, stride 1, 'same' padding, NHWC, plus bias."""
-    return FORMULATIONS[formulation or DEFAULT.get(BACKEND, "keras")](x, kernel, bias)
+    return FORMULATIONS[formulation or forms_here(x.dtype)["depthwise"]](x, kernel, bias)
 
 
 # Pointwise layers: x @ kernel + bias, then GELU or nothing, over the last axis of an NHWC map.
@@ -341,7 +339,7 @@ def dense_formulations_for(backend=BACKEND):
 
 def dense(x, kernel, bias, gelu=False, formulation=None):
     """x @ kernel + bias over the last axis, then exact (erf) GELU if `gelu`."""
-    return DENSE_FORMULATIONS[formulation or own_or_keras(DENSE_FORMULATIONS)[0]](x, kernel, bias, gelu)
+    return DENSE_FORMULATIONS[formulation or forms_here(x.dtype)["dense"]](x, kernel, bias, gelu)
 
 
 # A block's tail fused: only where a backend has a fused form (eager PyTorch inference); under
@@ -351,7 +349,7 @@ SCALE_ADD_FORMULATIONS = {"torch": dense_scale_add_torch}
 
 def dense_scale_add(x, kernel, bias, gamma, shortcut):
     """shortcut + (x @ kernel + bias) * gamma in one fused op, or None: compute it step by step."""
-    fused = SCALE_ADD_FORMULATIONS.get(BACKEND)
+    fused = SCALE_ADD_FORMULATIONS.get(forms_here(x.dtype)["dense"])
     return fused(x, kernel, bias, gamma, shortcut) if fused else None
 
 
@@ -396,8 +394,45 @@ def layer_norm_formulations_for(backend=BACKEND):
 
 def layer_norm(x, gamma, beta, epsilon, formulation=None):
     """LayerNorm over the last axis, computed in at least float32, returned in x's dtype."""
-    name = formulation or own_or_keras(LAYER_NORM_FORMULATIONS)[0]
+    name = formulation or forms_here(x.dtype)["layer_norm"]
     return LAYER_NORM_FORMULATIONS[name](x, gamma, beta, epsilon)
+
+
+# ---- which form runs where ---------------------------------------------------------------------
+
+ANY = "*"
+# (backend, device, CPU ISA, compute dtype) -> the forms of the three ops; the first row that matches wins.
+# The CPU forms were measured on CPUs (docs/dispatch.md has each row's measurement: CPU model, date,
+# figures); on a GPU or TPU every op is Keras's own, which the accelerator's libraries (cuDNN, cuBLAS, XLA)
+# fuse and tile themselves, until a measurement there says otherwise. A form that needs a kernel the
+# hardware may lack checks for it where it runs (`onednn_bf16`) and takes the plain path there.
+DISPATCH = (
+    # backend       device ISA  dtype   depthwise      dense         layer_norm
+    ("jax",         "cpu", ANY, ANY,    "shifted_jax", "jax",        "jax"),
+    ("torch",       "cpu", ANY, ANY,    "torch",       "torch",      "torch"),
+    ("tensorflow",  "cpu", ANY, ANY,    "keras",       "tensorflow", "keras"),
+    (ANY,           ANY,   ANY, ANY,    "keras",       "keras",      "keras"),
+)
+
+
+def forms_for(backend, device, isa, dtype):
+    """{"depthwise", "dense", "layer_norm"}: the forms DISPATCH gives a (backend, device, ISA, dtype)."""
+    for row in DISPATCH:
+        if all(want in (ANY, have) for want, have in zip(row[:4], (backend, device, isa, dtype))):
+            return dict(zip(("depthwise", "dense", "layer_norm"), row[4:]))
+    raise ValueError(f"No form for backend={backend!r}, device={device!r}, isa={isa!r}, dtype={dtype!r}")
+
+
+def _dtype_name(dtype):
+    return keras.backend.standardize_dtype(dtype)
+
+
+def forms_here(dtype):
+    """The forms for this process's backend, device and CPU (`hardware.detect`, read once) and `dtype`."""
+    from keras_convnext import hardware
+
+    here = hardware.detect(BACKEND)
+    return forms_for(BACKEND, here["device"], here["isa"], _dtype_name(dtype))
 
 
 # ---- training and export: what differs per backend outside the model's maths ------------------

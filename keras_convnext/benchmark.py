@@ -19,8 +19,10 @@ from keras_convnext.variants import VARIANTS
 KERAS_IMPLS = ("keras_convnext", "keras_applications")
 TIMM_IMPLS = ("timm", "timm_compile")
 BACKENDS = ("tensorflow", "jax", "torch")
-PRECISIONS = ("float32", "mixed_bfloat16")
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 MODES = ("inference", "training")
+# The scaling view (`--scaling`): variants, image sizes and batch sizes, every combination.
+SCALING = (("tiny", "base"), (224, 384), (1, 16, 64))
 
 
 @dataclasses.dataclass
@@ -121,8 +123,8 @@ def _time_timm(spec):
     n = spec.batch_size
     x = torch.randint(0, 256, (n, 3, spec.image_size, spec.image_size)).float()
     y = torch.randint(0, 1000, (n,))
-    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if spec.precision == "mixed_bfloat16"
-                else contextlib.nullcontext())
+    half = {"mixed_bfloat16": torch.bfloat16, "mixed_float16": torch.float16}.get(spec.precision)
+    autocast = torch.autocast("cpu", dtype=half) if half else contextlib.nullcontext()
     if spec.mode == "inference":
         def step():
             with torch.inference_mode(), autocast:
@@ -178,11 +180,31 @@ def measure(spec, timeout=1800):
     return json.loads(lines[-1])
 
 
+def _values(name, value):
+    """`value` as a non-empty list (one value or several)."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not values:
+        raise ValueError(f"`{name}` needs at least one value. Received: {name}={value!r}")
+    return values
+
+
 def plan(variant="tiny", image_size=224, batch_size=16, precisions=("float32",), modes=MODES,
          backends=None, peers=True, steps=6, warmup=2):
-    """The list of `Spec`s one benchmark run measures."""
-    if variant not in VARIANTS:
-        raise ValueError(f"Unknown variant. Valid values: {', '.join(VARIANTS)}. Received: variant={variant!r}")
+    """The list of `Spec`s one benchmark run measures.
+
+    `variant`, `image_size` and `batch_size` take one value or several: several give the scaling view, every
+    combination measured (variant, then image size, then batch size, outermost first).
+    """
+    variants = _values("variant", variant)
+    sizes, batches = _values("image_size", image_size), _values("batch_size", batch_size)
+    for v in variants:
+        if v not in VARIANTS:
+            raise ValueError(f"Unknown variant. Valid values: {', '.join(VARIANTS)}. Received: variant={v!r}")
+    for name, values in (("image_size", sizes), ("batch_size", batches)):
+        for n in values:
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1 or (name == "image_size" and n % 32):
+                need = "a positive multiple of 32" if name == "image_size" else "a positive integer"
+                raise ValueError(f"`{name}` must be {need}. Received: {name}={n!r}")
     backends = backends or [keras.backend.backend()]
     if warmup < 1 or steps < 1:
         raise ValueError("A benchmark needs at least one warm-up batch (compilation) and one timed batch. "
@@ -193,15 +215,19 @@ def plan(variant="tiny", image_size=224, batch_size=16, precisions=("float32",),
         if bad:
             raise ValueError(f"Unknown {name}: valid ones are {', '.join(valid)}. Received: {name}={list(values)}")
     specs = []
-    common = dict(variant=variant, image_size=image_size, batch_size=batch_size, steps=steps, warmup=warmup)
-    for mode in modes:
-        for precision in precisions:
-            impls = [("timm", "torch"), ("timm_compile", "torch")] if peers else []
-            for backend in backends:
-                impls.append(("keras_convnext", backend))
-                if peers and VARIANTS[variant].version == 1:  # keras.applications has no ConvNeXt V2
-                    impls.append(("keras_applications", backend))
-            specs += [Spec(impl, backend, mode=mode, precision=precision, **common) for impl, backend in impls]
+    for v in variants:
+        for size in sizes:
+            for batch in batches:
+                common = dict(variant=v, image_size=size, batch_size=batch, steps=steps, warmup=warmup)
+                for mode in modes:
+                    for precision in precisions:
+                        impls = [("timm", "torch"), ("timm_compile", "torch")] if peers else []
+                        for backend in backends:
+                            impls.append(("keras_convnext", backend))
+                            if peers and VARIANTS[v].version == 1:  # keras.applications has no ConvNeXt V2
+                                impls.append(("keras_applications", backend))
+                        specs += [Spec(impl, backend, mode=mode, precision=precision, **common)
+                                  for impl, backend in impls]
     return specs
 
 
@@ -216,47 +242,92 @@ def run(specs, progress=True):
     return results
 
 
+def _config(r):
+    return (r["variant"], r["image_size"], r["batch_size"], r["mode"], r["precision"])
+
+
 def table(results):
-    """A Markdown table: img/s, ratio to timm eager (same mode and precision), peak memory and its ratio."""
-    refs = {(r["mode"], r["precision"]): r for r in results if r["impl"] == "timm" and "error" not in r}
-    lines = ["| mode | precision | implementation | img/s | vs timm | peak MB | memory vs timm |",
-             "|---|---|---|---|---|---|---|"]
+    """A Markdown table: img/s, ratio to timm eager (same variant, size, batch, mode and precision), peak memory."""
+    refs = {_config(r): r for r in results if r["impl"] == "timm" and "error" not in r}
+    lines = ["| variant | px | batch | mode | precision | implementation | img/s | vs timm | peak MB | memory vs timm |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
+        head = f"| {r['variant']} | {r['image_size']} | {r['batch_size']} | {r['mode']} | {r['precision']} | {r['label']} |"
         if "error" in r:
-            lines.append(f"| {r['mode']} | {r['precision']} | {r['label']} | failed: {r['error']} | | | |")
+            lines.append(f"{head} failed: {r['error']} | | | |")
             continue
-        ref = refs.get((r["mode"], r["precision"]))
+        ref = refs.get(_config(r))
         ratio = f"{r['images_per_second'] / ref['images_per_second']:.2f}x" if ref else "-"
         mem = f"{r['peak_memory_mb'] / ref['peak_memory_mb']:.2f}x" if ref and ref["peak_memory_mb"] > 0 else "-"
-        lines.append(f"| {r['mode']} | {r['precision']} | {r['label']} | {r['images_per_second']:.1f} | "
-                     f"{ratio} | {r['peak_memory_mb']:.0f} | {mem} |")
+        lines.append(f"{head} {r['images_per_second']:.1f} | {ratio} | {r['peak_memory_mb']:.0f} | {mem} |")
     return "\n".join(lines)
 
 
+def report(results, command=None):
+    """The JSON a run writes: the machine (CPU model, ISA class and flags, cores), the command and the results."""
+    from keras_convnext import hardware
+
+    return {"machine": hardware.describe(), "command": command, "results": results}
+
+
 def plot(results, path):
-    """A bar chart of img/s per implementation, one panel per mode and precision; written aside, renamed."""
+    """A chart of the results; written aside, then renamed.
+
+    One configuration (variant, size, batch): bars of img/s per implementation, a panel per mode and precision.
+    Several (the scaling view): img/s (top) and peak MB (bottom) against the batch size, a line per
+    implementation, a column per variant, image size, mode and precision.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = sorted({(r["mode"], r["precision"]) for r in results})
-    fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4.5), squeeze=False)
-    for ax, (mode, precision) in zip(axes[0], groups):
-        rows = [r for r in results if (r["mode"], r["precision"]) == (mode, precision) and "error" not in r]
-        labels = [r["label"].replace(" (", "\n(") for r in rows]
-        colors = ["tab:blue" if r["impl"] == "keras_convnext" else "tab:gray" for r in rows]
-        ax.bar(range(len(rows)), [r["images_per_second"] for r in rows], color=colors)
-        ax.set_xticks(range(len(rows)), labels, rotation=45, ha="right", fontsize=8)
-        ax.set_ylabel("images / s")
-        r0 = rows[0] if rows else {}
-        ax.set_title(f"ConvNeXt-{r0.get('variant', '')} {mode}, {precision}, batch {r0.get('batch_size', '')}")
+    ok = [r for r in results if "error" not in r]
+    if len({(r["variant"], r["image_size"], r["batch_size"]) for r in ok}) > 1:
+        fig = _scaling_figure(plt, ok)
+    else:
+        fig = _bar_figure(plt, ok)
     fig.tight_layout()
     from keras_convnext.files import atomic_path
 
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
+
+
+def _bar_figure(plt, results):
+    groups = sorted({(r["mode"], r["precision"]) for r in results})
+    fig, axes = plt.subplots(1, max(1, len(groups)), figsize=(6 * max(1, len(groups)), 4.5), squeeze=False)
+    for ax, (mode, precision) in zip(axes[0], groups):
+        rows = [r for r in results if (r["mode"], r["precision"]) == (mode, precision)]
+        labels = [r["label"].replace(" (", "\n(") for r in rows]
+        colors = ["tab:blue" if r["impl"] == "keras_convnext" else "tab:gray" for r in rows]
+        ax.bar(range(len(rows)), [r["images_per_second"] for r in rows], color=colors)
+        ax.set_xticks(range(len(rows)), labels, rotation=45, ha="right", fontsize=8)
+        ax.set_ylabel("images / s")
+        r0 = rows[0]
+        ax.set_title(f"ConvNeXt-{r0['variant']} {mode}, {precision}, batch {r0['batch_size']}")
+    return fig
+
+
+def _scaling_figure(plt, results):
+    columns = sorted({(r["variant"], r["image_size"], r["mode"], r["precision"]) for r in results})
+    fig, axes = plt.subplots(2, len(columns), figsize=(4.2 * len(columns), 7), squeeze=False)
+    for col, (variant, size, mode, precision) in enumerate(columns):
+        rows = [r for r in results if (r["variant"], r["image_size"], r["mode"], r["precision"]) == (
+            variant, size, mode, precision)]
+        for label in dict.fromkeys(r["label"] for r in rows):
+            line = sorted((r["batch_size"], r) for r in rows if r["label"] == label)
+            style = "-" if line[0][1]["impl"] == "keras_convnext" else "--"
+            for ax, key in zip(axes[:, col], ("images_per_second", "peak_memory_mb")):
+                ax.plot([b for b, _ in line], [r[key] for _, r in line], style, marker="o", label=label)
+        for ax, name in zip(axes[:, col], ("images / s", "peak MB")):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("batch size")
+            ax.set_ylabel(name)
+        axes[0, col].set_title(f"{variant} {size} px\n{mode}, {precision}", fontsize=9)
+    axes[0, 0].legend(fontsize=7)
+    return fig
 
 
 if __name__ == "__main__":

@@ -63,6 +63,8 @@ def _cmd_benchmark(args):
     from keras_convnext import benchmark
 
     backends = benchmark.BACKENDS if args.backends == ["all"] else args.backends
+    if args.scaling:
+        args.variant, args.image_size, args.batch_size = (list(v) for v in benchmark.SCALING)
     specs = benchmark.plan(variant=args.variant, image_size=args.image_size, batch_size=args.batch_size,
                            precisions=args.precision, modes=args.mode, backends=backends,
                            peers=not args.no_peers, steps=args.steps, warmup=args.warmup)
@@ -70,7 +72,7 @@ def _cmd_benchmark(args):
     print()
     print(benchmark.table(results))
     if args.json:
-        _write_json(args.json, results)
+        _write_json(args.json, benchmark.report(results, command=" ".join(["keras-convnext", *args.argv])))
         print(f"wrote {args.json}")
     if args.plot:
         benchmark.plot(results, args.plot)
@@ -121,10 +123,14 @@ def _cmd_train_dense(args):
         raise ValueError("--task detection|segmentation needs keras-hub: pip install 'keras-convnext[hub]'") from e
     from keras_convnext.dense_train import train_dense
 
+    if args.head_convs is not None and args.task != "detection":
+        raise ValueError(f"--head-convs is for --task detection. Received: --head-convs {args.head_convs} "
+                         f"with --task {args.task}")
     result = train_dense(args.data, args.out, args.task, head=args.head, variant=args.variant,
                          weights=args.preset, image_size=args.image_size or 128, epochs=args.epochs or 12,
                          batch_size=args.batch_size or 16, lr=1e-3 if args.lr is None else args.lr, seed=args.seed,
-                         val_dir=args.val_dir, num_scenes=tuple(args.scenes), verbose=2 if args.quiet else "auto")
+                         val_dir=args.val_dir, num_scenes=tuple(args.scenes), verbose=2 if args.quiet else "auto",
+                         pre_logits_num_conv_layers=4 if args.head_convs is None else args.head_convs)
     if args.json:
         print(json.dumps(result))
         return
@@ -142,6 +148,8 @@ def _cmd_train(args):
         return _cmd_train_dense(args)
     if args.head:
         raise ValueError(f"--head is for --task detection|segmentation. Received: --head {args.head}")
+    if args.head_convs is not None:
+        raise ValueError(f"--head-convs is for --task detection. Received: --head-convs {args.head_convs}")
 
     overrides = _recipe_overrides(args.set)
     result = train(args.data, args.out, variant=args.variant, recipe=args.recipe, preset=args.preset,
@@ -237,6 +245,9 @@ def build_parser():
     p.add_argument("--scenes", type=int, nargs=2, metavar=("TRAIN", "HELD_OUT"), default=(3072, 128),
                    help="digit-scenes: how many training and held-out scenes (default 3072 128: a few hundred "
                         "scenes are memorised, not learnt)")
+    p.add_argument("--head-convs", type=int, default=None, metavar="N",
+                   help="detection: RetinaNet's 3x3 convs before each head's logits (default 4, as the paper; on "
+                        "a small CPU 1 trains 3x faster, docs/dense.md)")
     p.add_argument("--recipe", default="finetune", choices=RECIPE_NAMES)
     p.add_argument("--preset", help="weights to start from: preset name, 'imagenet' or a checkpoint file "
                                     "(default: the recipe's)")
@@ -270,10 +281,14 @@ def build_parser():
     p.set_defaults(func=_cmd_export)
 
     p = add("benchmark", help="throughput and peak memory, side by side with keras.applications and timm")
-    p.add_argument("--variant", default="tiny", choices=sorted(VARIANT_NAMES))
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--precision", nargs="+", default=["float32"], help="float32 and/or mixed_bfloat16")
+    p.add_argument("--variant", nargs="+", default=["tiny"], choices=sorted(VARIANT_NAMES),
+                   help="one or several (several, or several sizes or batches: the scaling view)")
+    p.add_argument("--image-size", nargs="+", type=int, default=[224])
+    p.add_argument("--batch-size", nargs="+", type=int, default=[16])
+    p.add_argument("--scaling", action="store_true",
+                   help="the scaling view: tiny and base, 224 and 384 px, batch 1, 16 and 64")
+    p.add_argument("--precision", nargs="+", default=["float32"],
+                   help="float32, mixed_bfloat16 and/or mixed_float16")
     p.add_argument("--mode", nargs="+", default=["inference", "training"])
     p.add_argument("--backends", nargs="+", default=None,
                    help="tensorflow, jax, torch, or 'all' (default: the current backend)")
@@ -352,6 +367,7 @@ class _Parser(argparse.ArgumentParser):
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what the benchmark records as its command
     try:
         _import_frameworks_quietly(args.command)
         args.func(args)

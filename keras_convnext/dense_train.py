@@ -62,6 +62,7 @@ def build_task(task, backbone, num_classes, head=None, image_size=None, pre_logi
     if not isinstance(backbone, ConvNeXtBackbone):
         raise TypeError(f"`backbone` must be a ConvNeXtBackbone. Received: backbone of type {type(backbone).__name__}")
     num_classes = checks.integer("num_classes", num_classes, minimum=1 if task == "detection" else 2)
+    pre_logits_num_conv_layers = checks.integer("pre_logits_num_conv_layers", pre_logits_num_conv_layers, minimum=0)
     converter = ConvNeXtImageConverter.for_stats()  # ImageNet statistics, as every ConvNeXt checkpoint
     if head == "retinanet":
         size = check_retinanet_size(image_size)
@@ -271,6 +272,7 @@ def train_dense(data, out, task, head=None, variant="atto", weights=None, image_
     if head == "retinanet":
         check_retinanet_size(image_size)
     epochs = checks.integer("epochs", epochs, minimum=1)
+    checks.integer("pre_logits_num_conv_layers", pre_logits_num_conv_layers, minimum=0)
     batch_size = checks.integer("batch_size", batch_size, minimum=1)
     lr = checks.number("lr", lr, 0.0, None, low_open=True)
     weight_decay = checks.number("weight_decay", weight_decay, 0.0, None)
@@ -322,6 +324,8 @@ def train_dense(data, out, task, head=None, variant="atto", weights=None, image_
     result = {"task": task, "head": head, "variant": variant.name, "weights": weights, "data": described,
               "epochs": epochs, "batch_size": batch_size, "image_size": image_size, "seconds": seconds,
               "backend": keras.backend.backend(), **score, "model": model_path, "history": history_path}
+    if task == "detection":
+        result["pre_logits_num_conv_layers"] = model.pre_logits_num_conv_layers
     with files.atomic_path(os.path.join(out, "result.json")) as tmp, open(tmp, "w") as f:
         json.dump(result, f, indent=2)
     return result

@@ -6,6 +6,8 @@ weights=None) and the harness checks it on the current backend. tests/test_model
 builder family; later families (ConvNeXt V2) add themselves there.
 """
 
+import contextlib
+
 import keras
 import numpy as np
 
@@ -83,6 +85,54 @@ def check_composition(build):
     out = timed.predict(frames, verbose=0)
     np.testing.assert_allclose(out[:, 0], own, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(out[:, 1], own[::-1], rtol=1e-5, atol=1e-5)
+
+
+@contextlib.contextmanager
+def plain_forms():
+    """Inside: backend_ops dispatches as on an accelerator, where every op is Keras's own (the plain form)."""
+    from keras_convnext import hardware
+
+    real = hardware.detect
+    here = dict(real(keras.backend.backend()), device="gpu")
+    hardware.detect = lambda backend=None: here
+    try:
+        yield
+    finally:
+        hardware.detect = real
+
+
+def check_fast_forms_match_plain_forms(build):
+    """The CPU forms (backend_ops.DISPATCH) give the plain Keras ops' numbers and gradients in every pattern.
+
+    predict, an eager call, the model nested in a functional model on a new symbolic input, in Sequential, in
+    TimeDistributed, and one SGD step (lr 1: every trainable variable moves by its gradient); float32.
+    """
+    x, y = pixels(n=4), np.array([0, 1, 2, 1])
+
+    def numbers(model):
+        out = {"predict": model.predict(x, verbose=0), "eager": eager_call(model, x)}
+        inputs = keras.Input((SIZE, SIZE, 3))
+        out["nested"] = keras.Model(inputs, model(inputs)).predict(x, verbose=0)
+        out["sequential"] = keras.Sequential([keras.Input((SIZE, SIZE, 3)), model]).predict(x, verbose=0)
+        timed = keras.Sequential([keras.Input((2, SIZE, SIZE, 3)), keras.layers.TimeDistributed(model)])
+        out["time_distributed"] = timed.predict(np.stack([x, x[::-1]], axis=1), verbose=0)
+        before = [numpy(v).copy() for v in model.trainable_variables]
+        model.compile(optimizer=keras.optimizers.SGD(learning_rate=1.0), loss="sparse_categorical_crossentropy")
+        model.fit(x, y, batch_size=4, epochs=1, verbose=0, shuffle=False)
+        out.update({f"gradient of {v.path}": b - numpy(v) for v, b in zip(model.trainable_variables, before)})
+        return out
+
+    fast_model = build(include_top=True, classes=3, input_shape=(None, None, 3))
+    weights = fast_model.get_weights()
+    fast = numbers(fast_model)
+    with plain_forms():
+        plain_model = build(include_top=True, classes=3, input_shape=(None, None, 3))
+        plain_model.set_weights(weights)
+        plain = numbers(plain_model)
+    assert fast.keys() == plain.keys() and len(fast) > 6
+    for key in fast:
+        scale = max(1.0, float(np.abs(plain[key]).max()))
+        np.testing.assert_allclose(fast[key], plain[key], atol=1e-4 * scale, rtol=0, err_msg=key)
 
 
 def check_clone_model(build):

@@ -8,7 +8,7 @@ import pytest
 from scipy.signal import correlate
 from scipy.special import erf
 
-from keras_convnext import backend_ops
+from keras_convnext import backend_ops, hardware
 from keras_convnext.layers import DepthwiseConv, LayerNorm, PointwiseDense
 
 
@@ -34,7 +34,10 @@ def test_every_formulation_matches_the_reference(formulation, k, shape):
 
 
 def test_default_formulation_per_backend():
-    assert backend_ops.DEFAULT == {"torch": "torch", "jax": "shifted_jax", "tensorflow": "keras"}
+    for backend, depthwise in (("torch", "torch"), ("jax", "shifted_jax"), ("tensorflow", "keras")):
+        for isa in hardware.ISAS:
+            for dtype in ("float32", "bfloat16", "float16"):
+                assert backend_ops.forms_for(backend, "cpu", isa, dtype)["depthwise"] == depthwise
     assert backend_ops.formulations_for("torch") == ["torch", "shifted", "keras"]
     assert backend_ops.formulations_for("jax") == ["shifted", "shifted_jax", "keras"]
     assert backend_ops.formulations_for("tensorflow") == ["shifted", "keras"]
@@ -163,10 +166,11 @@ def test_the_backends_own_form_is_the_default(monkeypatch):
     backend = keras.backend.backend()
     expected = {"torch": "torch", "tensorflow": "tensorflow", "jax": "jax"}[backend]
     monkeypatch.setitem(backend_ops.DENSE_FORMULATIONS, expected, lambda *args: "dense default")
-    assert backend_ops.dense(None, None, None) == "dense default"
+    x = keras.ops.ones((1, 2, 2, 3))
+    assert backend_ops.dense(x, None, None) == "dense default"
     expected = backend if backend in ("torch", "jax") else "keras"
     monkeypatch.setitem(backend_ops.LAYER_NORM_FORMULATIONS, expected, lambda *args: "norm default")
-    assert backend_ops.layer_norm(None, None, None, 1e-6) == "norm default"
+    assert backend_ops.layer_norm(x, None, None, 1e-6) == "norm default"
 
 
 @pytest.mark.parametrize("formulation", backend_ops.dense_formulations_for())
@@ -418,3 +422,95 @@ def test_bfloat16_inference_on_a_cpu_limited_to_avx2():
     assert done.returncode == 0, done.stderr[-2000:]
     native = "False" if keras.backend.backend() == "torch" else "None"
     assert f"native {native} ok True (2, 5)" in done.stdout
+
+
+# ---- dispatch: which form runs on which device and CPU ------------------------------------------
+
+CPU_FORMS = {"jax": ("shifted_jax", "jax", "jax"), "torch": ("torch", "torch", "torch"),
+             "tensorflow": ("keras", "tensorflow", "keras")}
+
+
+@pytest.mark.parametrize("backend", ["tensorflow", "jax", "torch"])
+def test_dispatch_table_gives_cpu_forms_on_cpus_and_keras_ops_on_accelerators(backend):
+    names = ("depthwise", "dense", "layer_norm")
+    for isa in hardware.ISAS:
+        for dtype in ("float32", "bfloat16", "float16"):
+            assert backend_ops.forms_for(backend, "cpu", isa, dtype) == dict(zip(names, CPU_FORMS[backend]))
+            for device in ("gpu", "tpu"):
+                assert backend_ops.forms_for(backend, device, isa, dtype) == dict.fromkeys(names, "keras")
+    # every form the table names exists and runs on its backend
+    for row in backend_ops.DISPATCH:
+        if row[0] in (backend, backend_ops.ANY):
+            assert row[4] in backend_ops.formulations_for(backend)
+            assert row[5] in backend_ops.dense_formulations_for(backend)
+            assert row[6] in backend_ops.layer_norm_formulations_for(backend)
+
+
+def fake_hardware(monkeypatch, device="cpu", isa="avx2"):
+    here = dict(hardware.detect(keras.backend.backend()), device=device, isa=isa)
+    monkeypatch.setattr(hardware, "detect", lambda backend=None: here)
+
+
+@pytest.mark.parametrize("device, isa", [("gpu", "other"), ("tpu", "other"), ("cpu", "amx"), ("cpu", "avx2")])
+def test_the_ops_follow_the_detected_device(device, isa, monkeypatch):
+    fake_hardware(monkeypatch, device, isa)
+    calls = []
+    for table in (backend_ops.FORMULATIONS, backend_ops.DENSE_FORMULATIONS, backend_ops.LAYER_NORM_FORMULATIONS):
+        for name, fn in list(table.items()):
+            monkeypatch.setitem(table, name, lambda *args, _n=name, _fn=fn: calls.append(_n) or _fn(*args))
+    x = keras.ops.ones((1, 4, 4, 3))
+    backend_ops.depthwise_conv_same(x, keras.ops.ones((7, 7, 3, 1)), keras.ops.zeros((3,)))
+    backend_ops.dense(x, keras.ops.ones((3, 2)), keras.ops.zeros((2,)), gelu=True)
+    backend_ops.layer_norm(x, keras.ops.ones((3,)), keras.ops.zeros((3,)), 1e-6)
+    expected = ["keras"] * 3 if device != "cpu" else list(CPU_FORMS[keras.backend.backend()])
+    assert calls == expected
+
+
+CPUINFO = """processor\t: 0
+vendor_id\t: {vendor}
+model name\t: {model}
+flags\t\t: {flags}
+
+processor\t: 1
+model name\t: second CPU, not read
+flags\t\t: avx512f
+"""
+SAPPHIRE_RAPIDS = ("fpu sse2 avx fma avx2 avx512f avx512dq avx512bw avx512vl avx512_bf16 avx512_fp16 amx_bf16 "
+                   "amx_tile amx_int8")
+ZEN4 = "fpu sse2 avx fma avx2 avx512f avx512dq avx512bw avx512vl avx512_bf16"
+SKYLAKE_X = "fpu sse2 avx fma avx2 avx512f avx512dq avx512bw avx512vl"
+ZEN2 = "fpu sse2 avx fma avx2 f16c"
+
+
+@pytest.mark.parametrize("model, flags, isa", [
+    ("Intel(R) Xeon(R) Platinum 8480+", SAPPHIRE_RAPIDS, "amx"), ("AMD EPYC 9654", ZEN4, "avx512_bf16"),
+    ("Intel(R) Xeon(R) Gold 6148", SKYLAKE_X, "avx512"), ("AMD EPYC", ZEN2, "avx2"), ("old", "fpu sse2 avx", "other"),
+    ("AVX-512F alone", "avx2 fma avx512f", "avx2"),
+])
+def test_isa_is_read_from_the_cpus_flags(model, flags, isa, tmp_path):
+    path = tmp_path / "cpuinfo"
+    path.write_text(CPUINFO.format(vendor="x", model=model, flags=flags))
+    got_model, got_flags = hardware.cpu_flags(str(path))
+    assert got_model == model and got_flags == set(flags.split())
+    assert hardware.isa_of(got_flags) == isa
+
+
+def test_cpuinfo_that_is_missing_odd_or_huge_is_read_safely(tmp_path):
+    assert hardware.cpu_flags(str(tmp_path / "missing"))[1] == set()
+    (tmp_path / "arm").write_text("processor\t: 0\nFeatures\t: fp asimd sve\nCPU part\t: 0xd40\n")
+    assert hardware.cpu_flags(str(tmp_path / "arm"))[1] == {"fp", "asimd", "sve"}
+    assert hardware.isa_of({"fp", "asimd", "sve"}) == "other"
+    (tmp_path / "binary").write_bytes(b"\xff\xfe\x00 junk: \x80\n\x81flags: avx512f\nflags : avx2 fma\n")
+    assert hardware.isa_of(hardware.cpu_flags(str(tmp_path / "binary"))[1]) == "avx2"
+    with open(tmp_path / "huge", "w") as f:  # flags only past the read limit: not read, nothing held
+        f.write("x" * (hardware._CPUINFO_LIMIT + 10) + "\nflags : avx2 fma\n")
+    assert hardware.cpu_flags(str(tmp_path / "huge"))[1] == set()
+
+
+def test_this_machine_is_detected_once():
+    here = hardware.detect(keras.backend.backend())
+    assert here["device"] == hardware.device_of(keras.backend.backend()) and here["device"] in hardware.DEVICES
+    assert here["isa"] in hardware.ISAS and here is hardware.detect(keras.backend.backend())
+    facts = hardware.describe()
+    assert facts["isa"] == here["isa"] and set(facts["isa_flags"]) <= set(hardware.cpu_flags()[1])
+    assert facts["cores"] == os.cpu_count()

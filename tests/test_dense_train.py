@@ -161,6 +161,8 @@ def test_train_dense_starts_from_a_checkpoint(tmp_path):
     (dict(data="imagenet2012"), r"`data` for segmentation must be 'digit-scenes', the TFDS name 'scene_parse150' "
                                 r"or a folder .*Received: data='imagenet2012'"),
     (dict(epochs=0), r"`epochs` must be .*Received: epochs=0"),
+    (dict(pre_logits_num_conv_layers=-1), r"`pre_logits_num_conv_layers` must be at least 0\. "
+                                          r"Received: pre_logits_num_conv_layers=-1"),
 ])
 def test_train_dense_refuses_bad_arguments_before_any_work(tmp_path, kwargs, message):
     args = {"data": "digit-scenes", "out": tmp_path / "run", "task": "segmentation", **kwargs}
@@ -295,9 +297,10 @@ def test_cli_names_agree_with_the_library():
 def test_train_task_detection_on_a_folder(tmp_path, capsys):
     write_folder(tmp_path / "data", size=128)
     cli.main(["train", str(tmp_path / "data"), "--task", "detection", "--variant", "atto", "--image-size", "128",
-              "--epochs", "1", "--batch-size", "4", "--out", str(tmp_path / "run"), "--json"])
+              "--epochs", "1", "--batch-size", "4", "--head-convs", "1", "--out", str(tmp_path / "run"), "--json"])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["task"] == "detection" and result["head"] == "retinanet"
+    assert result["pre_logits_num_conv_layers"] == 1
     assert {"map", "map50", "map75"} <= set(result) and all(0.0 <= result[k] <= 1.0 for k in ("map", "map50"))
     assert os.path.isfile(tmp_path / "run" / "task.keras")
 
@@ -308,6 +311,10 @@ def test_train_task_detection_on_a_folder(tmp_path, capsys):
     (["--head", "upernet"], "--head is for --task detection|segmentation. Received: --head upernet"),
     (["--task", "detection", "--head", "upernet"], "`head` must be one of 'retinanet'. Received: head='upernet'"),
     (["--task", "detection", "--image-size", "64"], "divisible by 128"),
+    (["--head-convs", "1"], "--head-convs is for --task detection. Received: --head-convs 1"),
+    (["--task", "segmentation", "--head-convs", "2"], "--head-convs is for --task detection. Received: --head-convs 2 "
+                                                      "with --task segmentation"),
+    (["--task", "detection", "--head-convs", "-1"], "Received: pre_logits_num_conv_layers=-1"),
 ])
 def test_train_task_errors_are_one_line_and_exit_2(tmp_path, capsys, argv, fragment):
     with pytest.raises(SystemExit) as exit_:

@@ -596,6 +596,11 @@ def test_harness_keras_round_trip(family, tmp_path):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_harness_fast_forms_match_the_plain_keras_ops(family):
+    harness.check_fast_forms_match_plain_forms(FAMILIES[family][0])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_harness_mixed_precision(family):
     harness.check_mixed_precision(FAMILIES[family][0])
 
