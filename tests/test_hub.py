@@ -328,3 +328,46 @@ def test_missing_keras_hub_says_which_extra_to_install(monkeypatch):
     spec = importlib.util.spec_from_file_location("_hub_without_keras_hub", hub.__file__)
     with pytest.raises(ImportError, match=r"pip install 'keras-convnext\[hub\]'"):
         spec.loader.exec_module(importlib.util.module_from_spec(spec))
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_backbone_in_kerass_patterns_clone_nesting_freezing_mixed_precision(version):
+    backbone = perturb(hub.ConvNeXtBackbone(**TINY, version=version))
+    x = pixels(n=4, size=64)
+    want, weights = call(pyramid_model(backbone), x), backbone.get_weights()
+    # clone_model: the same graph with fresh variables (as a plain Functional, as Keras clones any subclassed
+    # functional model, keras-hub's own backbones too); with the weights copied, the same output
+    # of the graph to the backbone's output (P5's stage map), so without the pyramid norms, which are not on it
+    clone = keras.models.clone_model(backbone)
+    on_path = [(v, w) for v, w in zip(backbone.weights, backbone.get_weights())
+               if v.path.split("/")[0] not in ("norm0", "norm1", "norm2", "norm3")]
+    assert [v.shape for v in clone.weights] == [v.shape for v, _ in on_path]
+    clone.set_weights([w for _, w in on_path])
+    np.testing.assert_allclose(call(clone, x), call(backbone, x), atol=1e-6)
+    # nested on a new symbolic input with a head on P5, stage 0 frozen: one SGD step moves exactly the trainable
+    # variables on P5's path (norm0..norm2 feed only P2..P4: no gradient, as in any FPN-less use)
+    inputs = keras.Input((64, 64, 3))
+    p5 = pyramid_model(backbone)(inputs)["P5"]
+    np.testing.assert_allclose(call(keras.Model(inputs, p5), x), want["P5"], atol=1e-6)
+    model = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.GlobalAveragePooling2D()(p5)))
+    backbone.get_layer("stages_0").trainable = False
+    before = {v.path: numpy(v).copy() for v in model.weights}
+    trainable = {v.path for v in model.trainable_variables}
+    model.compile(optimizer=keras.optimizers.SGD(1.0),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, np.array([0, 1, 2, 1]), batch_size=4, epochs=1, verbose=0, shuffle=False)
+    for v in model.weights:
+        moved = not np.array_equal(numpy(v), before[v.path])
+        expected = v.path in trainable and v.path.split("/")[0] not in ("norm0", "norm1", "norm2")
+        assert moved == expected, f"{v.path} {'moved' if moved else 'did not move'}"
+    # under mixed_bfloat16: half-precision maths, float32-close pyramid
+    try:
+        keras.config.set_dtype_policy("mixed_bfloat16")
+        mixed = hub.ConvNeXtBackbone(**TINY, version=version)
+    finally:
+        keras.config.set_dtype_policy("float32")
+    mixed.set_weights(weights)  # as before the step
+    got = call(pyramid_model(mixed), x)
+    for level in STRIDES:
+        scale = np.abs(want[level]).max()
+        np.testing.assert_allclose(np.asarray(got[level], "float32"), want[level], atol=0.05 * scale, err_msg=level)
