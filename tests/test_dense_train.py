@@ -185,7 +185,7 @@ def test_a_short_segmentation_run_beats_the_all_background_baseline_on_held_out_
     metric.update_state(masks.reshape(-1), np.zeros(masks.size, "int32"))
     baseline = float(metric.result())
     print(f"held-out mIoU {result['miou']:.3f}, all-background {baseline:.3f}")
-    # Measured on JAX: 0.120 against 0.084. Above the baseline, not yet far above it at this budget.
+    # Measured against 0.084: JAX 0.120, torch 0.133, TensorFlow 0.128 (2-core AMD EPYC; 6.5-13 min each).
     assert result["miou"] > baseline + 0.02, (result["miou"], baseline)
 
 
