@@ -415,16 +415,13 @@ DISPATCH = (
 )
 
 
+@functools.cache  # every layer call asks (a torch eager forward: four times a block); the answer is fixed
 def forms_for(backend, device, isa, dtype):
-    """{"depthwise", "dense", "layer_norm"}: the forms DISPATCH gives a (backend, device, ISA, dtype)."""
+    """{"depthwise", "dense", "layer_norm"}: the forms DISPATCH gives a (backend, device, ISA, dtype); read only."""
     for row in DISPATCH:
         if all(want in (ANY, have) for want, have in zip(row[:4], (backend, device, isa, dtype))):
             return dict(zip(("depthwise", "dense", "layer_norm"), row[4:]))
     raise ValueError(f"No form for backend={backend!r}, device={device!r}, isa={isa!r}, dtype={dtype!r}")
-
-
-def _dtype_name(dtype):
-    return keras.backend.standardize_dtype(dtype)
 
 
 def forms_here(dtype):
@@ -432,7 +429,7 @@ def forms_here(dtype):
     from keras_convnext import hardware
 
     here = hardware.detect(BACKEND)
-    return forms_for(BACKEND, here["device"], here["isa"], _dtype_name(dtype))
+    return forms_for(BACKEND, here["device"], here["isa"], keras.backend.standardize_dtype(dtype))
 
 
 # ---- training and export: what differs per backend outside the model's maths ------------------

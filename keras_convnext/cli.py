@@ -123,14 +123,12 @@ def _cmd_train_dense(args):
         raise ValueError("--task detection|segmentation needs keras-hub: pip install 'keras-convnext[hub]'") from e
     from keras_convnext.dense_train import train_dense
 
-    if args.head_convs is not None and args.task != "detection":
-        raise ValueError(f"--head-convs is for --task detection. Received: --head-convs {args.head_convs} "
-                         f"with --task {args.task}")
+    head_convs = {} if args.head_convs is None else {"pre_logits_num_conv_layers": args.head_convs}
     result = train_dense(args.data, args.out, args.task, head=args.head, variant=args.variant,
                          weights=args.preset, image_size=args.image_size or 128, epochs=args.epochs or 12,
                          batch_size=args.batch_size or 16, lr=1e-3 if args.lr is None else args.lr, seed=args.seed,
                          val_dir=args.val_dir, num_scenes=tuple(args.scenes), verbose=2 if args.quiet else "auto",
-                         pre_logits_num_conv_layers=4 if args.head_convs is None else args.head_convs)
+                         **head_convs)
     if args.json:
         print(json.dumps(result))
         return
@@ -144,12 +142,13 @@ def _cmd_train_dense(args):
 def _cmd_train(args):
     from keras_convnext.training import train
 
+    if args.head_convs is not None and args.task != "detection":
+        raise ValueError(f"--head-convs is for --task detection. Received: --head-convs {args.head_convs} "
+                         f"with --task {args.task}")
     if args.task != "classification":
         return _cmd_train_dense(args)
     if args.head:
         raise ValueError(f"--head is for --task detection|segmentation. Received: --head {args.head}")
-    if args.head_convs is not None:
-        raise ValueError(f"--head-convs is for --task detection. Received: --head-convs {args.head_convs}")
 
     overrides = _recipe_overrides(args.set)
     result = train(args.data, args.out, variant=args.variant, recipe=args.recipe, preset=args.preset,
