@@ -3,6 +3,11 @@
 Every measurement runs in a fresh process (own backend, clean memory high-water mark):
 keras_convnext and keras.applications on each requested Keras backend, timm eager and timm under
 `torch.compile`. Ratios are to timm eager in the same mode and precision, measured in the same run.
+
+`device="gpu"` measures on the machine's GPU instead: timm in channels-last memory (with `torch.autocast` on
+CUDA for the mixed precisions), Keras on its backend's GPU with XLA (`jit_compile=True`) on JAX and TensorFlow
+and eager on torch (Keras's own default there), float32 GEMMs in TF32 on every framework (JAX's and
+TensorFlow's default; torch is asked for it), and peak memory read from each framework's GPU allocator.
 """
 
 import dataclasses
@@ -18,9 +23,14 @@ from keras_convnext.variants import VARIANTS
 
 KERAS_IMPLS = ("keras_convnext", "keras_applications")
 TIMM_IMPLS = ("timm", "timm_compile")
+PEERS = ("timm", "timm_compile", "keras_applications")
 BACKENDS = ("tensorflow", "jax", "torch")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 MODES = ("inference", "training")
+DEVICES = ("cpu", "gpu")
+# What a framework needs to compute on an NVIDIA GPU.
+GPU_INSTALL = {"jax": 'pip install "jax[cuda12]"', "tensorflow": 'pip install "tensorflow[and-cuda]"',
+               "torch": "a CUDA build of torch and a visible GPU"}
 # The scaling view (`--scaling`): variants, image sizes and batch sizes, every combination.
 SCALING = (("tiny", "base"), (224, 384), (1, 16, 64))
 
@@ -36,6 +46,7 @@ class Spec:
     mode: str = "inference"
     steps: int = 6
     warmup: int = 2
+    device: str = "cpu"
 
     @property
     def label(self):
@@ -56,23 +67,76 @@ def _peak_bytes():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _sync(logs):
+    """Waits until the work queued so far is done: GPU streams, and JAX's asynchronous dispatch."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        # A step is one XLA executable: its outputs (the batch's logs) are ready when all of it is.
+        jax.block_until_ready(logs)
+    elif backend == "torch":
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    else:
+        import tensorflow as tf
+
+        tf.test.experimental.sync_devices()
+
+
 class _BatchClock(keras.callbacks.Callback):
-    """Records the end of the last warm-up batch and of the last batch of a predict/fit call."""
+    """Records the end of the last warm-up batch and of the last batch of a predict/fit call.
 
-    def __init__(self, warmup):
+    The device is synchronised at those two batches only, so the timed span holds exactly the work of the
+    batches after the warm-up, wherever it runs.
+    """
+
+    def __init__(self, warmup, total):
         super().__init__()
-        self.warmup, self.start, self.stop = warmup, None, None
+        self.warmup, self.total, self.start, self.stop = warmup, total, None, None
 
-    def _tick(self, batch):
+    def _tick(self, batch, logs):
         if batch == self.warmup - 1:
+            _sync(logs)
             self.start = time.perf_counter()
-        self.stop = time.perf_counter()
+        elif batch == self.total - 1:
+            _sync(logs)
+            self.stop = time.perf_counter()
 
     def on_predict_batch_end(self, batch, logs=None):
-        self._tick(batch)
+        self._tick(batch, logs)
 
     def on_train_batch_end(self, batch, logs=None):
-        self._tick(batch)
+        self._tick(batch, logs)
+
+
+def _peak_device_bytes(backend):
+    """The GPU allocator's high-water mark in this process (weights, activations and workspace)."""
+    if backend == "torch":
+        import torch
+
+        return torch.cuda.max_memory_allocated()
+    if backend == "jax":
+        import jax
+
+        return max((d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in jax.local_devices())
+    import tensorflow as tf
+
+    return tf.config.experimental.get_memory_info("GPU:0")["peak"]
+
+
+def _check_device(spec):
+    """A one-line error where the spec's device is not the one its framework computes on."""
+    from keras_convnext import hardware
+
+    backend = "torch" if spec.impl in TIMM_IMPLS else spec.backend
+    found = hardware.device_of(backend)
+    if found != spec.device:
+        hint = GPU_INSTALL[backend] if spec.device == "gpu" else "CUDA_VISIBLE_DEVICES= hides the GPU"
+        raise RuntimeError(f"{spec.label} was asked to run on the {spec.device} but {backend} computes on the "
+                           f"{found} here ({hint}). Received: device={spec.device!r}")
 
 
 def _time_keras(spec):
@@ -101,11 +165,15 @@ def _time_keras(spec):
     # One predict/fit call as a user makes it, timed from the end of the last warm-up batch to the
     # end of the last batch: steady-state throughput, as timm's loop is timed. (The call's set-up
     # and tear-down, e.g. the tf.data iterator, cost 0-2 s at random on TensorFlow here.)
-    clock = _BatchClock(spec.warmup)
+    clock = _BatchClock(spec.warmup, total)
+    # On a GPU: XLA on JAX and TensorFlow, eager torch (what Keras's jit_compile="auto" picks there).
+    jit = {"jit_compile": keras.backend.backend() != "torch"} if spec.device == "gpu" else {}
     if spec.mode == "inference":
+        if jit:
+            model.compile(**jit)
         model.predict(x, batch_size=n, verbose=0, callbacks=[clock])
     else:
-        model.compile(optimizer=keras.optimizers.AdamW(1e-4), loss="sparse_categorical_crossentropy")
+        model.compile(optimizer=keras.optimizers.AdamW(1e-4), loss="sparse_categorical_crossentropy", **jit)
         model.fit(x, y, batch_size=n, epochs=1, verbose=0, callbacks=[clock])
     return clock.stop - clock.start
 
@@ -116,15 +184,21 @@ def _time_timm(spec):
     import timm
     import torch
 
+    gpu = spec.device == "gpu"
+    device = torch.device("cuda" if gpu else "cpu")
     model = timm.create_model(VARIANTS[spec.variant].timm_name, pretrained=False)
     model.train(spec.mode == "training")
-    if spec.impl == "timm_compile":
-        model = torch.compile(model)
     n = spec.batch_size
     x = torch.randint(0, 256, (n, 3, spec.image_size, spec.image_size)).float()
     y = torch.randint(0, 1000, (n,))
+    if gpu:  # timm's own GPU benchmark settings: channels-last memory, inputs on the card
+        model = model.to(device, memory_format=torch.channels_last)
+        x, y = x.to(device).contiguous(memory_format=torch.channels_last), y.to(device)
+    if spec.impl == "timm_compile":
+        model = torch.compile(model)
     half = {"mixed_bfloat16": torch.bfloat16, "mixed_float16": torch.float16}.get(spec.precision)
-    autocast = torch.autocast("cpu", dtype=half) if half else contextlib.nullcontext()
+    autocast = torch.autocast(device.type, dtype=half) if half else contextlib.nullcontext()
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
     if spec.mode == "inference":
         def step():
             with torch.inference_mode(), autocast:
@@ -142,9 +216,11 @@ def _time_timm(spec):
 
     for _ in range(spec.warmup):
         step()
+    sync()
     start = time.perf_counter()
     for _ in range(spec.steps):
         step()
+    sync()
     return time.perf_counter() - start
 
 
@@ -157,17 +233,28 @@ def _worker(spec):
         import torch  # noqa: F401
     else:
         import keras_convnext.model  # noqa: F401
+    _check_device(spec)
+    if spec.device == "gpu" and (spec.impl in TIMM_IMPLS or spec.backend == "torch"):
+        import torch
+
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     baseline = _rss_bytes()
     seconds = (_time_timm if spec.impl in TIMM_IMPLS else _time_keras)(spec)
     images = spec.batch_size * spec.steps
-    return {**dataclasses.asdict(spec), "label": spec.label, "seconds": seconds,
-            "images_per_second": images / seconds,
-            "peak_memory_mb": (_peak_bytes() - baseline) / 2**20}
+    result = {**dataclasses.asdict(spec), "label": spec.label, "seconds": seconds,
+              "images_per_second": images / seconds, "peak_memory_mb": (_peak_bytes() - baseline) / 2**20}
+    if spec.device == "gpu":
+        result["peak_device_mb"] = _peak_device_bytes("torch" if spec.impl in TIMM_IMPLS else spec.backend) / 2**20
+    return result
 
 
 def measure(spec, timeout=1800):
     """Runs `spec` in a fresh process with its backend; returns the result or an error dict."""
     env = dict(os.environ, KERAS_BACKEND=spec.backend, TF_CPP_MIN_LOG_LEVEL="3")
+    if spec.device == "gpu":  # each framework's allocator grows as needed, so its peak is what the run used
+        env.update(XLA_PYTHON_CLIENT_PREALLOCATE="false", TF_FORCE_GPU_ALLOW_GROWTH="true")
+    else:  # a CPU run on a machine with a GPU: every framework on the CPU, as timm is
+        env.update(CUDA_VISIBLE_DEVICES="", JAX_PLATFORMS="cpu")
     cmd = [sys.executable, "-m", "keras_convnext.benchmark", json.dumps(dataclasses.asdict(spec))]
     try:
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -189,11 +276,13 @@ def _values(name, value):
 
 
 def plan(variant="tiny", image_size=224, batch_size=16, precisions=("float32",), modes=MODES,
-         backends=None, peers=True, steps=6, warmup=2):
+         backends=None, peers=True, steps=6, warmup=2, device="cpu"):
     """The list of `Spec`s one benchmark run measures.
 
     `variant`, `image_size` and `batch_size` take one value or several: several give the scaling view, every
-    combination measured (variant, then image size, then batch size, outermost first).
+    combination measured (variant, then image size, then batch size, outermost first). `peers` is True (all of
+    `PEERS`), False (keras_convnext alone) or a list of `PEERS` names. `device` is "cpu" or "gpu" (every
+    implementation on the machine's GPU).
     """
     variants = _values("variant", variant)
     sizes, batches = _values("image_size", image_size), _values("batch_size", batch_size)
@@ -214,17 +303,26 @@ def plan(variant="tiny", image_size=224, batch_size=16, precisions=("float32",),
         bad = [v for v in values if v not in valid]
         if bad:
             raise ValueError(f"Unknown {name}: valid ones are {', '.join(valid)}. Received: {name}={list(values)}")
+    if device not in DEVICES:
+        raise ValueError(f"Unknown device: valid ones are {', '.join(DEVICES)}. Received: device={device!r}")
+    if isinstance(peers, bool):
+        peers = PEERS if peers else ()
+    bad = [p for p in peers if p not in PEERS] if isinstance(peers, (list, tuple)) else [peers]
+    if bad:
+        raise ValueError(f"Unknown peers: valid ones are {', '.join(PEERS)}. Received: peers={peers!r}")
     specs = []
     for v in variants:
         for size in sizes:
             for batch in batches:
-                common = dict(variant=v, image_size=size, batch_size=batch, steps=steps, warmup=warmup)
+                common = dict(variant=v, image_size=size, batch_size=batch, steps=steps, warmup=warmup,
+                              device=device)
                 for mode in modes:
                     for precision in precisions:
-                        impls = [("timm", "torch"), ("timm_compile", "torch")] if peers else []
+                        impls = [(p, "torch") for p in TIMM_IMPLS if p in peers]
                         for backend in backends:
                             impls.append(("keras_convnext", backend))
-                            if peers and VARIANTS[v].version == 1:  # keras.applications has no ConvNeXt V2
+                            # keras.applications has no ConvNeXt V2.
+                            if "keras_applications" in peers and VARIANTS[v].version == 1:
                                 impls.append(("keras_applications", backend))
                         specs += [Spec(impl, backend, mode=mode, precision=precision, **common)
                                   for impl, backend in impls]
@@ -249,7 +347,10 @@ def _config(r):
 def table(results):
     """A Markdown table: img/s, ratio to timm eager (same variant, size, batch, mode and precision), peak memory."""
     refs = {_config(r): r for r in results if r["impl"] == "timm" and "error" not in r}
-    lines = ["| variant | px | batch | mode | precision | implementation | img/s | vs timm | peak MB | memory vs timm |",
+    # On a GPU the memory that matters is the card's: each framework's allocator peak.
+    gpu = any(r.get("device") == "gpu" for r in results)
+    key, peak = ("peak_device_mb", "peak GPU MB | GPU memory") if gpu else ("peak_memory_mb", "peak MB | memory")
+    lines = [f"| variant | px | batch | mode | precision | implementation | img/s | vs timm | {peak} vs timm |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         head = f"| {r['variant']} | {r['image_size']} | {r['batch_size']} | {r['mode']} | {r['precision']} | {r['label']} |"
@@ -258,16 +359,31 @@ def table(results):
             continue
         ref = refs.get(_config(r))
         ratio = f"{r['images_per_second'] / ref['images_per_second']:.2f}x" if ref else "-"
-        mem = f"{r['peak_memory_mb'] / ref['peak_memory_mb']:.2f}x" if ref and ref["peak_memory_mb"] > 0 else "-"
-        lines.append(f"{head} {r['images_per_second']:.1f} | {ratio} | {r['peak_memory_mb']:.0f} | {mem} |")
+        mem = f"{r[key] / ref[key]:.2f}x" if ref and ref[key] > 0 else "-"
+        lines.append(f"{head} {r['images_per_second']:.1f} | {ratio} | {r[key]:.0f} | {mem} |")
     return "\n".join(lines)
 
 
 def report(results, command=None):
-    """The JSON a run writes: the machine (CPU model, ISA class and flags, cores), the command and the results."""
+    """The JSON a run writes: the machine (CPU model, ISA class and flags, cores; the GPU's name for a GPU run),
+    the command and the results."""
     from keras_convnext import hardware
 
-    return {"machine": hardware.describe(), "command": command, "results": results}
+    machine = hardware.describe()
+    if any(r.get("device") == "gpu" for r in results):
+        machine["gpu"] = _gpu_name()
+    return {"machine": machine, "command": command, "results": results}
+
+
+def _gpu_name():
+    """The first NVIDIA GPU's name as nvidia-smi reports it (no framework is imported), or "unknown"."""
+    try:
+        done = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                              text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    names = done.stdout.strip().splitlines() if done.returncode == 0 else []
+    return names[0].strip()[:200] if names else "unknown"
 
 
 def plot(results, path):

@@ -67,7 +67,8 @@ def _cmd_benchmark(args):
         args.variant, args.image_size, args.batch_size = (list(v) for v in benchmark.SCALING)
     specs = benchmark.plan(variant=args.variant, image_size=args.image_size, batch_size=args.batch_size,
                            precisions=args.precision, modes=args.mode, backends=backends,
-                           peers=not args.no_peers, steps=args.steps, warmup=args.warmup)
+                           peers=[] if args.no_peers else args.peers, steps=args.steps, warmup=args.warmup,
+                           device=args.device)
     results = benchmark.run(specs, progress=True)
     print()
     print(benchmark.table(results))
@@ -291,8 +292,13 @@ def build_parser():
     p.add_argument("--mode", nargs="+", default=["inference", "training"])
     p.add_argument("--backends", nargs="+", default=None,
                    help="tensorflow, jax, torch, or 'all' (default: the current backend)")
+    p.add_argument("--device", default="cpu",
+                   help="cpu, or gpu: every implementation on this machine's GPU (examples/benchmark_gpu.py)")
     p.add_argument("--steps", type=int, default=6, help="timed batches per measurement")
     p.add_argument("--warmup", type=int, default=2, help="untimed batches first (compilation)")
+    p.add_argument("--peers", nargs="+", default=["timm", "timm_compile", "keras_applications"],
+                   help="the peers to measure beside keras_convnext: timm, timm_compile and/or keras_applications "
+                        "(default: all three)")
     p.add_argument("--no-peers", action="store_true", help="measure keras_convnext only")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--plot", help="write a bar chart (PNG) here")

@@ -6,6 +6,7 @@ import keras
 import pytest
 
 from keras_convnext import benchmark
+from conftest import once
 
 
 def test_plan_covers_every_peer_and_backend():
@@ -117,22 +118,76 @@ def test_plan_needs_a_warmup_and_a_timed_batch():
         benchmark.plan(warmup=1, steps=0)
 
 
-def test_batch_clock_times_only_the_batches_after_the_warmup():
+def test_batch_clock_times_only_the_batches_after_the_warmup(monkeypatch):
     import time
 
-    clock = benchmark._BatchClock(warmup=2)
+    synced = []
+    monkeypatch.setattr(benchmark, "_sync", synced.append)
+    clock = benchmark._BatchClock(warmup=2, total=5)
     for batch in range(5):
         time.sleep(0.02 if batch < 2 else 0.0)
-        clock.on_predict_batch_end(batch)
+        clock.on_predict_batch_end(batch, {"outputs": batch})
         if batch == 1:
             start = time.perf_counter()
     # Batches 2-4 took no sleep: the two warm-up sleeps (40 ms) are outside the timed span.
     assert clock.start <= start and clock.stop - clock.start < 0.02
-    clock = benchmark._BatchClock(warmup=1)
+    # The device is waited for at the end of the warm-up and of the last batch, and nowhere else.
+    assert synced == [{"outputs": 1}, {"outputs": 4}]
+    clock = benchmark._BatchClock(warmup=1, total=2)
     clock.on_train_batch_end(0)
     time.sleep(0.03)
     clock.on_train_batch_end(1)
     assert clock.stop - clock.start >= 0.03
+
+
+def test_sync_waits_for_the_backends_queued_work():
+    import numpy as np
+
+    x = keras.ops.matmul(keras.ops.ones((64, 64)), keras.ops.ones((64, 64)))
+    benchmark._sync({"outputs": x})  # JAX: blocks on the arrays; TF/torch: the devices' queues
+    benchmark._sync(None)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(x)[0, 0], 64.0)
+
+
+def test_peers_are_chosen_by_name():
+    specs = benchmark.plan(backends=["jax", "torch"], modes=["inference"], peers=["timm"])
+    assert [s.label for s in specs] == ["timm", "keras_convnext (jax)", "keras_convnext (torch)"]
+    specs = benchmark.plan(backends=["jax"], modes=["inference"], peers=["keras_applications", "timm_compile"])
+    assert [s.label for s in specs] == ["timm_compile", "keras_convnext (jax)", "keras_applications (jax)"]
+    assert [s.label for s in benchmark.plan(backends=["jax"], modes=["inference"], peers=True)] == [
+        "timm", "timm_compile", "keras_convnext (jax)", "keras_applications (jax)"]
+    with pytest.raises(ValueError, match=r"Unknown peers: valid ones are timm, timm_compile, keras_applications. "
+                                         r"Received: peers=\['tim'\]"):
+        benchmark.plan(peers=["tim"])
+
+
+def test_a_gpu_plan_and_its_one_line_error_where_there_is_no_gpu():
+    specs = benchmark.plan(backends=["jax"], modes=["inference"], peers=["timm"], device="gpu")
+    assert {s.device for s in specs} == {"gpu"}
+    assert {s.device for s in benchmark.plan(backends=["jax"])} == {"cpu"}
+    with pytest.raises(ValueError, match=r"Unknown device: valid ones are cpu, gpu. Received: device='tpu'"):
+        benchmark.plan(device="tpu")
+    from keras_convnext import hardware
+
+    backend = keras.backend.backend()
+    if hardware.device_of(backend) == "gpu":
+        pytest.skip("this machine has a GPU: the error is for machines without one")
+    result = benchmark.measure(benchmark.Spec("keras_convnext", backend, variant="atto", image_size=32,
+                                              batch_size=1, steps=1, warmup=1, device="gpu"))
+    assert result["error"] == (f"RuntimeError: keras_convnext ({backend}) was asked to run on the gpu but {backend} "
+                               f"computes on the cpu here ({benchmark.GPU_INSTALL[backend]}). Received: device='gpu'")
+
+
+def test_a_gpu_table_shows_the_gpu_allocators_peak():
+    rows = [dict(impl=impl, backend="torch", label=impl, variant="tiny", image_size=224, batch_size=16,
+                 mode="inference", precision="float32", device="gpu", images_per_second=ips,
+                 peak_memory_mb=900.0, peak_device_mb=mb) for impl, ips, mb in (("timm", 1000.0, 400.0),
+                                                                                  ("timm_compile", 1500.0, 300.0))]
+    text = benchmark.table(rows).splitlines()
+    assert "| peak GPU MB | GPU memory vs timm |" in text[0]
+    assert text[3].endswith("| 1500.0 | 1.50x | 300 | 0.75x |")
+    machine = benchmark.report(rows)["machine"]
+    assert machine["gpu"] and machine["cpu"]  # the card's name (nvidia-smi), or "unknown" without one
 
 
 def test_a_v2_plan_measures_timms_v2_and_no_keras_applications():
@@ -141,3 +196,33 @@ def test_a_v2_plan_measures_timms_v2_and_no_keras_applications():
     assert {s.variant for s in specs} == {"convnextv2_tiny"}
     with pytest.raises(ValueError, match=r"Unknown variant.*Received: variant='convnextv3_tiny'"):
         benchmark.plan(variant="convnextv3_tiny")
+
+
+@once  # the script's children choose their own backends whatever this process runs
+def test_the_gpu_script_on_a_machine_without_a_gpu(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from keras_convnext import hardware
+
+    if hardware.device_of("torch") == "gpu":
+        pytest.skip("this machine has a GPU")
+    script = os.path.join(os.path.dirname(__file__), "..", "examples", "benchmark_gpu.py")
+    done = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2 and done.stdout == "", done.stderr
+    assert done.stderr.startswith("benchmark_gpu.py: no Keras backend computes on a GPU here.")
+    assert len(done.stderr.strip().splitlines()) == 1
+    # Named backends run the whole benchmark: every row reports that it has no GPU, and the JSON says so.
+    out = tmp_path / "gpu.json"
+    done = subprocess.run([sys.executable, script, "--backends", "torch", "--variant", "atto", "--image-size", "32",
+                           "--batch-size", "1", "--mode", "inference", "--precision", "float32", "--steps", "1",
+                           "--warmup", "1", "--peers", "timm", "--json", str(out), "--plot", str(tmp_path / "g.png")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    assert isinstance(report["machine"]["gpu"], str) and report["machine"]["gpu"]  # "unknown" without nvidia-smi
+    assert [r["label"] for r in report["results"]] == ["timm", "keras_convnext (torch)"]
+    assert all("was asked to run on the gpu but torch computes on the cpu here" in r["error"]
+               for r in report["results"])
+    assert "failed: RuntimeError" in done.stdout

@@ -5,6 +5,7 @@ import sys
 import pytest
 
 from keras_convnext.cli import build_parser, main
+from conftest import once
 
 
 def test_help_lists_every_subcommand():
@@ -216,6 +217,7 @@ def test_download_error_is_one_line_and_exit_2(capsys, monkeypatch, tmp_path):
     _assert_one_line(code, err, "http://127.0.0.1:9/convnext_atto.pth")
 
 
+@once  # the error is raised before any framework loads
 def test_debug_shows_the_traceback(tmp_path):
     done = _cli("convert", str(tmp_path / "missing.pth"), str(tmp_path / "out.keras"), "--debug")
     assert done.returncode == 1 and "Traceback" in done.stderr and "Received: src=" in done.stderr

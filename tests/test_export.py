@@ -11,7 +11,7 @@ import time
 import keras
 import numpy as np
 import pytest
-from conftest import TINY
+from conftest import TINY, once
 from PIL import Image
 
 import keras_convnext as kc
@@ -169,6 +169,7 @@ def test_bad_input_gives_clear_errors(exported, tmp_path):
     assert not (tmp_path / "o.onnx").exists()
 
 
+@once  # --version, the refusal and --overwrite are Python around the writers; each backend's route is the fixture's
 def test_cli_export_version_and_overwrite(exported, tmp_path):
     model, folder, _, pixels = exported
     model.save(str(tmp_path / "m.keras"))
@@ -326,6 +327,7 @@ def test_export_killed_at_random_points_keeps_the_live_version_and_leaves_no_orp
     assert os.stat(out / "1").st_mode & 0o777 == 0o777 & ~umask
 
 
+@once  # the export's child runs JAX whatever this process runs
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signalled_export_kills_its_child_and_cleans_up(tmp_path, signum):
     out = tmp_path / f"signalled-serving-{signum}"
@@ -372,6 +374,9 @@ def test_a_signal_while_the_child_starts_is_held_until_it_exists_then_kills_it(t
     assert restored is not None and restored.__name__ == "<lambda>"
 
 
+# Each format's writer runs its own backend (TensorFlow for SavedModel and LiteRT, torch for ONNX) whatever
+# this process runs, and V1's `exported` fixture takes every backend's route to them: V2's GRN is checked once.
+@once
 def test_a_v2_model_exports_to_every_format_with_parity(tmp_path):
     # GRN (a sum of squares over H, W, a channel mean) as plain ops in each format: no Flex op in LiteRT.
     import onnxruntime

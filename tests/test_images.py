@@ -22,6 +22,7 @@ from PIL import Image
 import keras_convnext as kc
 from keras_convnext import data
 from keras_convnext.preprocessing import ImageReadError, decode_image_bytes
+from conftest import once
 
 S = 12  # square images: eval_transform at image_size=S, crop_pct=1.0 keeps every pixel
 
@@ -405,6 +406,7 @@ print(json.dumps({"grown_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrs
 """
 
 
+@once  # the child runs TensorFlow whatever this process runs
 def test_refusing_them_allocates_nothing_large(elongated, tmp_path):
     normal = tmp_path / "normal.png"
     normal.write_bytes(CASES["rgb.png"][0])

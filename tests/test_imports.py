@@ -18,6 +18,7 @@ import keras
 import pytest
 
 import keras_convnext as kc
+from conftest import once
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FRAMEWORKS = ("keras", "tensorflow", "jax", "torch")
@@ -103,8 +104,7 @@ def test_a_keras_file_loads_when_keras_is_imported_first(tmp_path):
     assert json.loads(out) == ["ConvNeXtModel", model.count_params()]
 
 
-@pytest.mark.skipif(keras.backend.backend() != "tensorflow",
-                    reason="the children choose their backends whatever this process runs: checked once")
+@once  # the children choose their backends whatever this process runs
 @pytest.mark.parametrize("backend, code", [
     ("tensorflow", "import keras_convnext; keras_convnext.ConvNeXtAtto; import torchvision; import timm"),
     ("tensorflow", "import torchvision; import keras_convnext; keras_convnext.ConvNeXtAtto; import timm"),

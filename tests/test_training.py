@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import TINY, tiny_variant
+from conftest import TINY, tiny_variant, once
 from keras_convnext import ConvNeXt, data, recipes
 from keras_convnext.cli import main
 from keras_convnext.recipes import AdamWLayerDecay, get_recipe, layer_group
@@ -774,7 +774,7 @@ def test_data_parallel_needs_jax():
         _data_parallel(8, True)
 
 
-@pytest.mark.skipif(BACKEND != "jax", reason="keras.distribution's DataParallel is the JAX backend's")
+@once  # the child runs JAX whatever this process runs
 def test_data_parallel_on_two_host_devices(folder, tmp_path):
     script = f"""
 import json, keras
