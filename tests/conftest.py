@@ -105,6 +105,12 @@ SLOW = {
         "test_parameter_count_of_every_v2_variant[large]",
         "test_parameter_count_of_every_v2_variant[huge]",
     },
+    # UperNet fitting 32 digit scenes for 30 epochs (a learning check: 30 s on JAX alone, 40 s in CI beside the
+    # other backends, 191 s on torch there); its mechanics stay in the fast run (one SGD step moves every
+    # variable, the main + auxiliary loss formula, the train command's segmentation run).
+    "test_upernet.py": {
+        "test_a_short_fit_on_digit_scenes_beats_the_all_background_baseline",
+    },
     # Three exports in child processes (a JAX parent that starts a TensorFlow child), each killed at a
     # random point of its run, then a complete export.
     "test_export.py": {
