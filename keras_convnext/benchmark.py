@@ -73,7 +73,8 @@ def _sync(logs):
     if backend == "jax":
         import jax
 
-        # A step is one XLA executable: its outputs (the batch's logs) are ready when all of it is.
+        # A step is one XLA executable: its outputs (the batch's logs) are ready when all of it is. Keras hands
+        # callbacks host copies of the logs, which already waited; this covers logs still on the device.
         jax.block_until_ready(logs)
     elif backend == "torch":
         import torch
@@ -90,8 +91,11 @@ class _BatchClock(keras.callbacks.Callback):
     """Records the end of the last warm-up batch and of the last batch of a predict/fit call.
 
     The device is synchronised at those two batches only, so the timed span holds exactly the work of the
-    batches after the warm-up, wherever it runs.
+    batches after the warm-up, wherever it runs. `async_safe`: Keras may run it off the training thread, as it
+    runs batch-end work when a user's call has no callbacks (JAX, torch), so the clock adds no per-batch wait.
     """
+
+    async_safe = True
 
     def __init__(self, warmup, total):
         super().__init__()
@@ -134,7 +138,7 @@ def _check_device(spec):
     backend = "torch" if spec.impl in TIMM_IMPLS else spec.backend
     found = hardware.device_of(backend)
     if found != spec.device:
-        hint = GPU_INSTALL[backend] if spec.device == "gpu" else "CUDA_VISIBLE_DEVICES= hides the GPU"
+        hint = GPU_INSTALL[backend] if spec.device == "gpu" else "unset KERAS_TORCH_DEVICE, or hide the accelerator"
         raise RuntimeError(f"{spec.label} was asked to run on the {spec.device} but {backend} computes on the "
                            f"{found} here ({hint}). Received: device={spec.device!r}")
 
@@ -206,12 +210,15 @@ def _time_timm(spec):
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         loss_fn = torch.nn.CrossEntropyLoss()
+        # float16 trains with loss scaling, as Keras's mixed_float16 does (its LossScaleOptimizer).
+        scaler = torch.amp.GradScaler(device.type, enabled=spec.precision == "mixed_float16")
 
         def step():
             with autocast:
                 loss = loss_fn(model(x), y)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             opt.zero_grad(set_to_none=True)
 
     for _ in range(spec.warmup):
@@ -253,6 +260,10 @@ def measure(spec, timeout=1800):
     env = dict(os.environ, KERAS_BACKEND=spec.backend, TF_CPP_MIN_LOG_LEVEL="3")
     if spec.device == "gpu":  # each framework's allocator grows as needed, so its peak is what the run used
         env.update(XLA_PYTHON_CLIENT_PREALLOCATE="false", TF_FORCE_GPU_ALLOW_GROWTH="true")
+        # A caller's CPU-only settings would hide the GPU this run is for.
+        for name, hiding in (("CUDA_VISIBLE_DEVICES", ""), ("JAX_PLATFORMS", "cpu")):
+            if env.get(name) == hiding:
+                del env[name]
     else:  # a CPU run on a machine with a GPU: every framework on the CPU, as timm is
         env.update(CUDA_VISIBLE_DEVICES="", JAX_PLATFORMS="cpu")
     cmd = [sys.executable, "-m", "keras_convnext.benchmark", json.dumps(dataclasses.asdict(spec))]
@@ -281,7 +292,7 @@ def plan(variant="tiny", image_size=224, batch_size=16, precisions=("float32",),
 
     `variant`, `image_size` and `batch_size` take one value or several: several give the scaling view, every
     combination measured (variant, then image size, then batch size, outermost first). `peers` is True (all of
-    `PEERS`), False (keras_convnext alone) or a list of `PEERS` names. `device` is "cpu" or "gpu" (every
+    `PEERS`), False (keras_convnext alone), or one or several `PEERS` names. `device` is "cpu" or "gpu" (every
     implementation on the machine's GPU).
     """
     variants = _values("variant", variant)
@@ -307,6 +318,8 @@ def plan(variant="tiny", image_size=224, batch_size=16, precisions=("float32",),
         raise ValueError(f"Unknown device: valid ones are {', '.join(DEVICES)}. Received: device={device!r}")
     if isinstance(peers, bool):
         peers = PEERS if peers else ()
+    elif isinstance(peers, str):
+        peers = [peers]
     bad = [p for p in peers if p not in PEERS] if isinstance(peers, (list, tuple)) else [peers]
     if bad:
         raise ValueError(f"Unknown peers: valid ones are {', '.join(PEERS)}. Received: peers={peers!r}")
@@ -375,6 +388,22 @@ def report(results, command=None):
     return {"machine": machine, "command": command, "results": results}
 
 
+def gpu_backends():
+    """{backend: device} for every Keras backend, each asked in its own process ("missing" if it cannot load)."""
+    found = {}
+    for backend in BACKENDS:
+        code = f"from keras_convnext import hardware; print(hardware.device_of({backend!r}))"
+        env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+        try:
+            done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+        except subprocess.TimeoutExpired:
+            found[backend] = "timed out"
+            continue
+        lines = done.stdout.strip().splitlines()
+        found[backend] = lines[-1] if done.returncode == 0 and lines else "missing"
+    return found
+
+
 def _gpu_name():
     """The first NVIDIA GPU's name as nvidia-smi reports it (no framework is imported), or "unknown"."""
     try:
@@ -427,6 +456,7 @@ def _bar_figure(plt, results):
 
 
 def _scaling_figure(plt, results):
+    peak = "peak_device_mb" if any(r.get("device") == "gpu" for r in results) else "peak_memory_mb"
     columns = sorted({(r["variant"], r["image_size"], r["mode"], r["precision"]) for r in results})
     fig, axes = plt.subplots(2, len(columns), figsize=(4.2 * len(columns), 7), squeeze=False)
     for col, (variant, size, mode, precision) in enumerate(columns):
@@ -435,9 +465,9 @@ def _scaling_figure(plt, results):
         for label in dict.fromkeys(r["label"] for r in rows):
             line = sorted((r["batch_size"], r) for r in rows if r["label"] == label)
             style = "-" if line[0][1]["impl"] == "keras_convnext" else "--"
-            for ax, key in zip(axes[:, col], ("images_per_second", "peak_memory_mb")):
+            for ax, key in zip(axes[:, col], ("images_per_second", peak)):
                 ax.plot([b for b, _ in line], [r[key] for _, r in line], style, marker="o", label=label)
-        for ax, name in zip(axes[:, col], ("images / s", "peak MB")):
+        for ax, name in zip(axes[:, col], ("images / s", "peak GPU MB" if peak == "peak_device_mb" else "peak MB")):
             ax.set_xscale("log", base=2)
             ax.set_xlabel("batch size")
             ax.set_ylabel(name)

@@ -67,7 +67,7 @@ def _cmd_benchmark(args):
         args.variant, args.image_size, args.batch_size = (list(v) for v in benchmark.SCALING)
     specs = benchmark.plan(variant=args.variant, image_size=args.image_size, batch_size=args.batch_size,
                            precisions=args.precision, modes=args.mode, backends=backends,
-                           peers=[] if args.no_peers else args.peers, steps=args.steps, warmup=args.warmup,
+                           peers=[] if args.no_peers else (args.peers or True), steps=args.steps, warmup=args.warmup,
                            device=args.device)
     results = benchmark.run(specs, progress=True)
     print()
@@ -78,6 +78,9 @@ def _cmd_benchmark(args):
     if args.plot:
         benchmark.plot(results, args.plot)
         print(f"wrote {args.plot}")
+    if all("error" in r for r in results):
+        print(f"keras-convnext benchmark: every measurement failed; the first: {results[0]['error']}", file=sys.stderr)
+        sys.exit(1)
 
 
 def _parse_set(items):
@@ -296,10 +299,11 @@ def build_parser():
                    help="cpu, or gpu: every implementation on this machine's GPU (examples/benchmark_gpu.py)")
     p.add_argument("--steps", type=int, default=6, help="timed batches per measurement")
     p.add_argument("--warmup", type=int, default=2, help="untimed batches first (compilation)")
-    p.add_argument("--peers", nargs="+", default=["timm", "timm_compile", "keras_applications"],
-                   help="the peers to measure beside keras_convnext: timm, timm_compile and/or keras_applications "
-                        "(default: all three)")
-    p.add_argument("--no-peers", action="store_true", help="measure keras_convnext only")
+    peers = p.add_mutually_exclusive_group()
+    peers.add_argument("--peers", nargs="+",
+                       help="the peers to measure beside keras_convnext: timm, timm_compile and/or keras_applications "
+                            "(default: all)")
+    peers.add_argument("--no-peers", action="store_true", help="measure keras_convnext only")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--plot", help="write a bar chart (PNG) here")
     p.set_defaults(func=_cmd_benchmark)

@@ -140,13 +140,25 @@ def test_batch_clock_times_only_the_batches_after_the_warmup(monkeypatch):
     assert clock.stop - clock.start >= 0.03
 
 
-def test_sync_waits_for_the_backends_queued_work():
-    import numpy as np
+def test_sync_waits_with_the_backends_own_primitive(monkeypatch):
+    calls = []
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
 
+        monkeypatch.setattr(jax, "block_until_ready", lambda x: calls.append(x) or x)
+    elif backend == "torch":
+        import torch
+
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda: calls.append("cuda"))
+    else:
+        import tensorflow as tf
+
+        monkeypatch.setattr(tf.test.experimental, "sync_devices", lambda: calls.append("devices"))
     x = keras.ops.matmul(keras.ops.ones((64, 64)), keras.ops.ones((64, 64)))
-    benchmark._sync({"outputs": x})  # JAX: blocks on the arrays; TF/torch: the devices' queues
-    benchmark._sync(None)
-    np.testing.assert_allclose(keras.ops.convert_to_numpy(x)[0, 0], 64.0)
+    benchmark._sync({"outputs": x})
+    assert calls == [{"outputs": x}] if backend == "jax" else calls == [{"torch": "cuda"}.get(backend, "devices")]
 
 
 def test_peers_are_chosen_by_name():
@@ -156,9 +168,35 @@ def test_peers_are_chosen_by_name():
     assert [s.label for s in specs] == ["timm_compile", "keras_convnext (jax)", "keras_applications (jax)"]
     assert [s.label for s in benchmark.plan(backends=["jax"], modes=["inference"], peers=True)] == [
         "timm", "timm_compile", "keras_convnext (jax)", "keras_applications (jax)"]
+    assert [s.label for s in benchmark.plan(backends=["jax"], modes=["inference"], peers="timm")] == [
+        "timm", "keras_convnext (jax)"]
     with pytest.raises(ValueError, match=r"Unknown peers: valid ones are timm, timm_compile, keras_applications. "
                                          r"Received: peers=\['tim'\]"):
         benchmark.plan(peers=["tim"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--peers", "tim"], "keras-convnext benchmark: error: Unknown peers: valid ones are timm, timm_compile, "
+                         "keras_applications. Received: peers=['tim']"),
+    (["--device", "tpu"], "keras-convnext benchmark: error: Unknown device: valid ones are cpu, gpu. "
+                          "Received: device='tpu'"),
+])
+def test_cli_refuses_unknown_peers_and_devices_before_any_work(args, message, capsys):
+    from keras_convnext.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["benchmark", "--mode", "inference", *args])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip() == message
+
+
+def test_cli_peers_and_no_peers_exclude_each_other(capsys):
+    from keras_convnext.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["benchmark", "--peers", "timm", "--no-peers"])
+    assert exit_.value.code == 2
+    assert "argument --no-peers: not allowed with argument --peers" in capsys.readouterr().err
 
 
 def test_a_gpu_plan_and_its_one_line_error_where_there_is_no_gpu():
@@ -187,7 +225,8 @@ def test_a_gpu_table_shows_the_gpu_allocators_peak():
     assert "| peak GPU MB | GPU memory vs timm |" in text[0]
     assert text[3].endswith("| 1500.0 | 1.50x | 300 | 0.75x |")
     machine = benchmark.report(rows)["machine"]
-    assert machine["gpu"] and machine["cpu"]  # the card's name (nvidia-smi), or "unknown" without one
+    assert machine["gpu"] and "cpu" in machine  # the card's name (nvidia-smi), or "unknown" without one
+    assert "gpu" not in benchmark.report([dict(rows[0], device="cpu")])["machine"]
 
 
 def test_a_v2_plan_measures_timms_v2_and_no_keras_applications():
@@ -204,22 +243,25 @@ def test_the_gpu_script_on_a_machine_without_a_gpu(tmp_path):
     import subprocess
     import sys
 
-    from keras_convnext import hardware
-
-    if hardware.device_of("torch") == "gpu":
-        pytest.skip("this machine has a GPU")
+    found = benchmark.gpu_backends()
+    if "gpu" in found.values():
+        pytest.skip(f"a backend computes on a GPU here: {found}")
+    assert set(found) == set(benchmark.BACKENDS) and found["torch"] == "cpu"
     script = os.path.join(os.path.dirname(__file__), "..", "examples", "benchmark_gpu.py")
     done = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=600)
     assert done.returncode == 2 and done.stdout == "", done.stderr
-    assert done.stderr.startswith("benchmark_gpu.py: no Keras backend computes on a GPU here.")
-    assert len(done.stderr.strip().splitlines()) == 1
+    assert done.stderr.startswith("benchmark_gpu.py: no Keras backend computes on a GPU here;")
+    seen = ", ".join(f"{b}={device}" for b, device in found.items())
+    assert done.stderr.strip().endswith(f"Received: {seen}") and len(done.stderr.strip().splitlines()) == 1
     # Named backends run the whole benchmark: every row reports that it has no GPU, and the JSON says so.
     out = tmp_path / "gpu.json"
     done = subprocess.run([sys.executable, script, "--backends", "torch", "--variant", "atto", "--image-size", "32",
                            "--batch-size", "1", "--mode", "inference", "--precision", "float32", "--steps", "1",
                            "--warmup", "1", "--peers", "timm", "--json", str(out), "--plot", str(tmp_path / "g.png")],
                           capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr
+    # Every row failed: the table and JSON are still written, and the command says so and exits 1.
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("keras-convnext benchmark: every measurement failed; ")
     report = json.loads(out.read_text())
     assert isinstance(report["machine"]["gpu"], str) and report["machine"]["gpu"]  # "unknown" without nvidia-smi
     assert [r["label"] for r in report["results"]] == ["timm", "keras_convnext (torch)"]

@@ -217,7 +217,7 @@ def test_download_error_is_one_line_and_exit_2(capsys, monkeypatch, tmp_path):
     _assert_one_line(code, err, "http://127.0.0.1:9/convnext_atto.pth")
 
 
-@once  # the error is raised before any framework loads
+@once  # the missing-file error and --debug are the same Python on every backend
 def test_debug_shows_the_traceback(tmp_path):
     done = _cli("convert", str(tmp_path / "missing.pth"), str(tmp_path / "out.keras"), "--debug")
     assert done.returncode == 1 and "Traceback" in done.stderr and "Received: src=" in done.stderr
