@@ -443,6 +443,40 @@ def optimizer_views(variable, backend=BACKEND):
     return (variable, variable.value) if backend == "tensorflow" else (variable,)
 
 
+def sync_device(values=None):
+    """Waits until the work queued so far is done: GPU streams, and JAX's asynchronous dispatch."""
+    if BACKEND == "jax":
+        import jax
+
+        # A step is one XLA executable: its outputs are ready when all of it is. (Keras hands callbacks host
+        # copies of the logs, which already waited; this covers values still on the device.)
+        jax.block_until_ready(values)
+    elif BACKEND == "torch":
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    else:
+        import tensorflow as tf
+
+        tf.test.experimental.sync_devices()
+
+
+def peak_device_bytes():
+    """The accelerator allocator's high-water mark in this process (weights, activations and workspace)."""
+    if BACKEND == "torch":
+        import torch
+
+        return torch.cuda.max_memory_allocated()
+    if BACKEND == "jax":
+        import jax
+
+        return max((d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in jax.local_devices())
+    import tensorflow as tf
+
+    return tf.config.experimental.get_memory_info("GPU:0")["peak"]
+
+
 def data_parallel_available(backend=BACKEND):
     """Whether `keras.distribution.DataParallel` trains on this backend (JAX's alone implements it)."""
     return backend == "jax"

@@ -67,26 +67,6 @@ def _peak_bytes():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _sync(logs):
-    """Waits until the work queued so far is done: GPU streams, and JAX's asynchronous dispatch."""
-    backend = keras.backend.backend()
-    if backend == "jax":
-        import jax
-
-        # A step is one XLA executable: its outputs (the batch's logs) are ready when all of it is. Keras hands
-        # callbacks host copies of the logs, which already waited; this covers logs still on the device.
-        jax.block_until_ready(logs)
-    elif backend == "torch":
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-    else:
-        import tensorflow as tf
-
-        tf.test.experimental.sync_devices()
-
-
 class _BatchClock(keras.callbacks.Callback):
     """Records the end of the last warm-up batch and of the last batch of a predict/fit call.
 
@@ -102,11 +82,13 @@ class _BatchClock(keras.callbacks.Callback):
         self.warmup, self.total, self.start, self.stop = warmup, total, None, None
 
     def _tick(self, batch, logs):
+        from keras_convnext import backend_ops
+
         if batch == self.warmup - 1:
-            _sync(logs)
+            backend_ops.sync_device(logs)
             self.start = time.perf_counter()
         elif batch == self.total - 1:
-            _sync(logs)
+            backend_ops.sync_device(logs)
             self.stop = time.perf_counter()
 
     def on_predict_batch_end(self, batch, logs=None):
@@ -114,21 +96,6 @@ class _BatchClock(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         self._tick(batch, logs)
-
-
-def _peak_device_bytes(backend):
-    """The GPU allocator's high-water mark in this process (weights, activations and workspace)."""
-    if backend == "torch":
-        import torch
-
-        return torch.cuda.max_memory_allocated()
-    if backend == "jax":
-        import jax
-
-        return max((d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in jax.local_devices())
-    import tensorflow as tf
-
-    return tf.config.experimental.get_memory_info("GPU:0")["peak"]
 
 
 def _check_device(spec):
@@ -251,7 +218,15 @@ def _worker(spec):
     result = {**dataclasses.asdict(spec), "label": spec.label, "seconds": seconds,
               "images_per_second": images / seconds, "peak_memory_mb": (_peak_bytes() - baseline) / 2**20}
     if spec.device == "gpu":
-        result["peak_device_mb"] = _peak_device_bytes("torch" if spec.impl in TIMM_IMPLS else spec.backend) / 2**20
+        if spec.impl in TIMM_IMPLS:
+            import torch
+
+            peak = torch.cuda.max_memory_allocated()
+        else:
+            from keras_convnext import backend_ops
+
+            peak = backend_ops.peak_device_bytes()
+        result["peak_device_mb"] = peak / 2**20
     return result
 
 

@@ -122,7 +122,9 @@ def test_batch_clock_times_only_the_batches_after_the_warmup(monkeypatch):
     import time
 
     synced = []
-    monkeypatch.setattr(benchmark, "_sync", synced.append)
+    from keras_convnext import backend_ops
+
+    monkeypatch.setattr(backend_ops, "sync_device", synced.append)
     clock = benchmark._BatchClock(warmup=2, total=5)
     for batch in range(5):
         time.sleep(0.02 if batch < 2 else 0.0)
@@ -140,7 +142,7 @@ def test_batch_clock_times_only_the_batches_after_the_warmup(monkeypatch):
     assert clock.stop - clock.start >= 0.03
 
 
-def test_sync_waits_with_the_backends_own_primitive(monkeypatch):
+def test_device_sync_uses_the_backends_own_primitive(monkeypatch):
     calls = []
     backend = keras.backend.backend()
     if backend == "jax":
@@ -157,7 +159,9 @@ def test_sync_waits_with_the_backends_own_primitive(monkeypatch):
 
         monkeypatch.setattr(tf.test.experimental, "sync_devices", lambda: calls.append("devices"))
     x = keras.ops.matmul(keras.ops.ones((64, 64)), keras.ops.ones((64, 64)))
-    benchmark._sync({"outputs": x})
+    from keras_convnext import backend_ops
+
+    backend_ops.sync_device({"outputs": x})
     assert calls == [{"outputs": x}] if backend == "jax" else calls == [{"torch": "cuda"}.get(backend, "devices")]
 
 
