@@ -102,7 +102,7 @@ def _check_device(spec):
     """A one-line error where the spec's device is not the one its framework computes on."""
     from keras_convnext import hardware
 
-    backend = "torch" if spec.impl in TIMM_IMPLS else spec.backend
+    backend = spec.backend  # "torch" for timm's rows
     found = hardware.device_of(backend)
     if found != spec.device:
         hint = GPU_INSTALL[backend] if spec.device == "gpu" else "unset KERAS_TORCH_DEVICE, or hide the accelerator"
@@ -208,7 +208,7 @@ def _worker(spec):
     else:
         import keras_convnext.model  # noqa: F401
     _check_device(spec)
-    if spec.device == "gpu" and (spec.impl in TIMM_IMPLS or spec.backend == "torch"):
+    if spec.device == "gpu" and spec.backend == "torch":  # timm's rows and Keras's torch backend
         import torch
 
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -217,16 +217,10 @@ def _worker(spec):
     images = spec.batch_size * spec.steps
     result = {**dataclasses.asdict(spec), "label": spec.label, "seconds": seconds,
               "images_per_second": images / seconds, "peak_memory_mb": (_peak_bytes() - baseline) / 2**20}
-    if spec.device == "gpu":
-        if spec.impl in TIMM_IMPLS:
-            import torch
+    if spec.device == "gpu":  # timm's rows run with KERAS_BACKEND=torch: torch's allocator
+        from keras_convnext import backend_ops
 
-            peak = torch.cuda.max_memory_allocated()
-        else:
-            from keras_convnext import backend_ops
-
-            peak = backend_ops.peak_device_bytes()
-        result["peak_device_mb"] = peak / 2**20
+        result["peak_device_mb"] = backend_ops.peak_device_bytes() / 2**20
     return result
 
 
