@@ -6,7 +6,7 @@ import keras
 import pytest
 
 from keras_convnext import benchmark
-from conftest import once
+from conftest import ONCE_BACKEND, once
 
 
 def test_plan_covers_every_peer_and_backend():
@@ -43,7 +43,9 @@ def test_a_scaling_plan_measures_every_variant_size_and_batch():
 def tiny_results():
     specs = [benchmark.Spec("keras_convnext", keras.backend.backend(), variant="atto", image_size=32,
                             batch_size=2, mode=mode, steps=1, warmup=1) for mode in ("inference", "training")]
-    specs.append(benchmark.Spec("timm", "torch", variant="atto", image_size=32, batch_size=2, steps=1, warmup=1))
+    # timm's child is the same process whatever this one's backend: measured in the torch run only (as `once`).
+    if keras.backend.backend() == ONCE_BACKEND:
+        specs.append(benchmark.Spec("timm", "torch", variant="atto", image_size=32, batch_size=2, steps=1, warmup=1))
     return benchmark.run(specs, progress=False)
 
 
@@ -55,17 +57,21 @@ def test_each_measurement_runs_in_its_own_process_and_reports(tiny_results):
 
 
 def test_table_ratios_and_plot(tiny_results, tmp_path):
-    text = benchmark.table(tiny_results)
+    results = list(tiny_results)
+    if len(results) == 2:  # no timm child in this backend's run: a timm row at 3x our speed stands in
+        results.append(dict(results[0], impl="timm", backend="torch", label="timm",
+                            images_per_second=3 * results[0]["images_per_second"]))
+    text = benchmark.table(results)
     rows = text.splitlines()
     assert rows[0].startswith("| variant | px | batch | mode | precision | implementation | img/s | vs timm")
-    timm = tiny_results[2]["images_per_second"]
-    ours = tiny_results[0]["images_per_second"]
+    timm = results[2]["images_per_second"]
+    ours = results[0]["images_per_second"]
     assert rows[2].startswith("| atto | 32 | 2 | inference | float32 | keras_convnext (")
     assert f"{ours / timm:.2f}x" in rows[2]
     assert "| timm | " in rows[4] and "| 1.00x |" in rows[4]
     assert rows[3].split("|")[8].strip() == "-"  # training has no timm row in this run: no ratio
     path = tmp_path / "bench.png"
-    benchmark.plot(tiny_results, str(path))
+    benchmark.plot(results, str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
