@@ -42,6 +42,18 @@ def check_shapes(build, num_features):
         assert model.predict(x, verbose=0).shape == shape, kwargs
 
 
+def check_every_layer_is_built(build):
+    """A model with stochastic depth comes out built to its last sublayer, so that predict and evaluate compile it
+    straight away (an unbuilt layer makes Keras's JAX trainer call the whole model eagerly on the first batch)."""
+    model = build(input_shape=(SIZE, SIZE, 3), drop_path_rate=0.3)
+    blocks = [block for layer in model.layers for block in getattr(layer, "blocks", ())]
+    assert all(layer.built for layer in model.layers)
+    dropping = [block for block in blocks if block.drop_path is not None]  # the first block's rate is 0
+    assert len(dropping) == len(blocks) - 1 and all(block.built for block in blocks)
+    for block in dropping:
+        assert block.drop_path.built, block.name
+
+
 def check_variable_input_size(build):
     """One flexible model takes several image sizes, and gives the fixed-size model's numbers."""
     flexible = build(include_top=False, pooling="avg", input_shape=(None, None, 3))

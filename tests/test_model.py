@@ -573,6 +573,11 @@ def test_harness_shapes(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_harness_every_layer_is_built(family):
+    harness.check_every_layer_is_built(FAMILIES[family][0])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_harness_variable_input_size_and_channels(family):
     build, _ = FAMILIES[family]
     harness.check_variable_input_size(build)
