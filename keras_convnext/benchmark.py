@@ -19,6 +19,7 @@ import time
 
 import keras
 
+from keras_convnext import hugepages
 from keras_convnext.variants import VARIANTS
 
 KERAS_IMPLS = ("keras_convnext", "keras_applications")
@@ -235,6 +236,7 @@ def measure(spec, timeout=1800):
                 del env[name]
     else:  # a CPU run on a machine with a GPU: every framework on the CPU, as timm is
         env.update(CUDA_VISIBLE_DEVICES="", JAX_PLATFORMS="cpu")
+    env = hugepages.environ_with_hugepages(env)  # every implementation, timm too, with the allocator the CLI has
     cmd = [sys.executable, "-m", "keras_convnext.benchmark", json.dumps(dataclasses.asdict(spec))]
     try:
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -352,6 +354,8 @@ def report(results, command=None):
     from keras_convnext import hardware
 
     machine = hardware.describe()
+    # What every measured process started with (`measure` adds the huge-page tunable where it helps).
+    machine["glibc_tunables"] = hugepages.environ_with_hugepages(os.environ).get("GLIBC_TUNABLES", "")
     if any(r.get("device") == "gpu" for r in results):
         machine["gpu"] = _gpu_name()
     return {"machine": machine, "command": command, "results": results}
