@@ -16,7 +16,7 @@ import platform
 import sys
 
 TUNABLE = "glibc.malloc.hugetlb"
-OPT_OUT = "KERAS_CONVNEXT_HUGEPAGES"  # "0": leave the allocator as the system set it
+OPT_OUT = "KERAS_CONVNEXT_HUGEPAGES"  # "0" (or "false", "no", "off"): leave the allocator as the system set it
 THP_MODE_PATH = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
@@ -44,7 +44,8 @@ def wanted(environ=None, mode=None, libc=None, system=None):
     """Whether a process started with the tunable would get huge pages that this one does not have."""
     environ = os.environ if environ is None else environ
     system = system or sys.platform
-    if system != "linux" or environ.get(OPT_OUT) == "0" or TUNABLE in environ.get("GLIBC_TUNABLES", ""):
+    opted_out = environ.get(OPT_OUT, "").strip().lower() in ("0", "false", "no", "off")
+    if system != "linux" or opted_out or TUNABLE in environ.get("GLIBC_TUNABLES", ""):
         return False
     if not _glibc_has_the_tunable(libc or platform.libc_ver()):
         return False

@@ -35,6 +35,8 @@ def test_a_missing_or_binary_mode_file_reads_as_unknown(tmp_path):
     ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, "madvise", GLIBC, "linux", True),
     ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, "madvise", GLIBC, "linux", False),  # the user chose
     ({"KERAS_CONVNEXT_HUGEPAGES": "0"}, "madvise", GLIBC, "linux", False),             # opted out
+    ({"KERAS_CONVNEXT_HUGEPAGES": " Off"}, "madvise", GLIBC, "linux", False),
+    ({"KERAS_CONVNEXT_HUGEPAGES": "1"}, "madvise", GLIBC, "linux", True),
     ({}, "always", GLIBC, "linux", False),     # every program has them already
     ({}, "never", GLIBC, "linux", False),      # nobody gets them
     ({}, "", GLIBC, "linux", False),           # unknown kernel mode
