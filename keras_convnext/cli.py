@@ -374,9 +374,14 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (--help shows the usage)\n")
 
 
+def console_main():
+    """The `keras-convnext` command: a process of its own, so it first starts again with huge pages where the
+    kernel leaves them to the program (`hugepages`); `main` itself never does, whoever calls it."""
+    hugepages.restart_with_hugepages()
+    main()
+
+
 def main(argv=None):
-    if argv is None:  # a process of its own: start again with huge pages where the system leaves them to us
-        hugepages.restart_with_hugepages()
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what the benchmark records as its command
@@ -401,4 +406,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    console_main()

@@ -1,12 +1,13 @@
 """Huge pages for the process's large buffers, where the kernel leaves them to the program.
 
 XLA (JAX) allocates a step's buffers afresh each time it runs a program, and the kernel hands out new
-memory 4 KB at a time: ConvNeXt-T's float32 training step at batch 16 takes about 500,000 page faults
-(docs/performance.md). glibc's `glibc.malloc.hugetlb=1` tunable makes malloc ask for 2 MB transparent huge
-pages (`madvise`), which the kernel gives where its mode is "madvise" (Debian's and Ubuntu's default);
-under "always" every program gets them already, under "never" nobody does. glibc reads its tunables only
-when a process starts, so the command line starts itself again with the tunable (`restart_with_hugepages`),
-and the benchmark starts every implementation's process, timm's included, with it.
+memory a small page at a time, so a training step spends much of its time on first touches (page faults;
+docs/performance.md has the measurement). glibc's `glibc.malloc.hugetlb=1` tunable makes malloc ask for
+transparent huge pages (`madvise`), which the kernel gives where its mode is "madvise" (Debian's and
+Ubuntu's default); under "always" every program gets them already, under "never" nobody does. glibc reads
+its tunables only when a process starts, so the `keras-convnext` command starts itself again with the
+tunable (`restart_with_hugepages`, from `cli.console_main`), and the benchmark starts every
+implementation's process, timm's included, with it.
 
 Keras-free: the command line calls this before it imports any framework.
 """
@@ -16,7 +17,11 @@ import platform
 import sys
 
 TUNABLE = "glibc.malloc.hugetlb"
-OPT_OUT = "KERAS_CONVNEXT_HUGEPAGES"  # "0" (or "false", "no", "off"): leave the allocator as the system set it
+# "0" (or "false", "no", "off"): leave the allocator as the system set it, e.g. to compare with and without.
+OPT_OUT = "KERAS_CONVNEXT_HUGEPAGES"
+# Set in the restarted process: it never starts itself again, even where glibc drops the tunable (a setuid
+# or setgid interpreter runs in secure mode, which removes it from GLIBC_TUNABLES).
+RESTARTED = "KERAS_CONVNEXT_HUGEPAGES_RESTARTED"
 THP_MODE_PATH = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
@@ -63,12 +68,22 @@ def environ_with_hugepages(environ):
 
 
 def restart_with_hugepages():
-    """Starts this program again with the tunable (`os.execve`, same arguments) where `wanted()`; else returns."""
-    if not wanted() or not getattr(sys, "orig_argv", None):
+    """Starts this program again with the tunable (`os.execve`, same interpreter and arguments) where
+    `wanted()`; returns where it is not, or where the program cannot be started again as it was."""
+    argv = list(getattr(sys, "orig_argv", None) or [])
+    # A program read from stdin (`python -`, or the REPL: sys.argv[0] "-" or "") cannot be read a second time.
+    from_stdin = not sys.argv or sys.argv[0] in ("", "-")
+    if os.environ.get(RESTARTED) or not sys.executable or len(argv) < 2 or from_stdin or not wanted():
         return
-    sys.stdout.flush()
-    sys.stderr.flush()
+    env = environ_with_hugepages(os.environ)
+    env[RESTARTED] = "1"
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):  # closed by the caller: nothing of ours is in it yet
+            pass
     try:
-        os.execve(sys.executable, list(sys.orig_argv), environ_with_hugepages(os.environ))
+        os.execve(sys.executable, argv, env)
     except OSError:  # no executable to start again: carry on with the allocator as it is
         return

@@ -59,35 +59,90 @@ def test_the_tunable_is_added_to_the_users_own(monkeypatch):
     assert env == given and env is not given
 
 
-@pytest.mark.skipif(sys.platform != "linux" or not hugepages._glibc_has_the_tunable(platform.libc_ver()),
-                    reason="needs glibc 2.35 or later")
-def test_a_process_starts_itself_again_once_with_the_tunable():
+@pytest.mark.parametrize("libc, has", [
+    (("glibc", "2.35"), True), (("glibc", "2.36"), True), (("glibc", "3.0"), True),
+    (("glibc", "2.34"), False), (("glibc", "2.x"), False), (("glibc", ""), False), (("musl", "1.2"), False),
+])
+def test_the_tunable_needs_glibc_2_35(libc, has):
+    assert hugepages._glibc_has_the_tunable(libc) is has
+
+
+RESTART = ("import os, sys; from keras_convnext import hugepages as h; h.thp_mode = lambda path=None: 'madvise'; "
+           "{drop}print(os.getpid(), os.environ.get('GLIBC_TUNABLES'), sys.argv[1:], flush=True); "
+           "h.restart_with_hugepages(); print('after', os.getpid(), os.environ.get('GLIBC_TUNABLES'))")
+
+
+def _restart(code, env, *args):
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
+
+
+needs_glibc = pytest.mark.skipif(sys.platform != "linux" or not hugepages._glibc_has_the_tunable(platform.libc_ver()),
+                                 reason="needs glibc 2.35 or later")
+
+
+@needs_glibc
+def test_a_process_starts_itself_again_once_with_the_tunable_and_its_arguments():
     # The kernel's mode is pretended to be "madvise", whatever this machine's is.
-    code = ("import os; from keras_convnext import hugepages as h; h.thp_mode = lambda path=None: 'madvise'; "
-            "print(os.getpid(), os.environ.get('GLIBC_TUNABLES'), flush=True); h.restart_with_hugepages(); "
-            "print('after', os.getpid(), os.environ.get('GLIBC_TUNABLES'))")
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", hugepages.OPT_OUT)}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
-    first, second, after = done.stdout.split("\n")[:3]
-    pid = first.split()[0]
-    assert first == f"{pid} None"
-    assert second == f"{pid} glibc.malloc.hugetlb=1"  # the same process, started again
-    assert after == f"after {pid} glibc.malloc.hugetlb=1"  # and only once
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", hugepages.OPT_OUT, hugepages.RESTARTED)}
+    lines = _restart(RESTART.format(drop=""), env, "train", "--epochs", "2")
+    assert len(lines) == 3, lines
+    pid = lines[0].split()[0]
+    assert lines[0] == f"{pid} None ['train', '--epochs', '2']"
+    # the same process, started again with the same arguments, and only once
+    assert lines[1] == f"{pid} glibc.malloc.hugetlb=1 ['train', '--epochs', '2']"
+    assert lines[2] == f"after {pid} glibc.malloc.hugetlb=1"
     env[hugepages.OPT_OUT] = "0"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
-    assert done.stdout.split("\n")[1].startswith("after")
+    assert _restart(RESTART.format(drop=""), env)[1].startswith("after")
 
 
-def test_the_command_line_restarts_only_as_a_process_of_its_own(monkeypatch):
+@needs_glibc
+def test_a_restarted_process_never_starts_again_even_where_glibc_drops_the_tunable():
+    # glibc in secure mode (a setuid interpreter) removes the tunable: the restart marker still stops a loop.
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", hugepages.OPT_OUT, hugepages.RESTARTED)}
+    drop = "os.environ.pop('GLIBC_TUNABLES', None) if os.environ.get(h.RESTARTED) else None; "
+    lines = _restart(RESTART.format(drop=drop), env)
+    assert len(lines) == 3 and lines[1].endswith("None []") and lines[2].startswith("after"), lines
+
+
+def test_a_program_read_from_stdin_is_not_started_again(monkeypatch):
+    monkeypatch.setattr(hugepages, "wanted", lambda environ=None, **kwargs: True)
+    monkeypatch.delenv(hugepages.RESTARTED, raising=False)
+    monkeypatch.setattr(hugepages.os, "execve", lambda *a: pytest.fail("started again"))
+    for argv, orig in ((["-"], ["python", "-"]), ([""], ["python"])):
+        monkeypatch.setattr(sys, "argv", argv)
+        monkeypatch.setattr(sys, "orig_argv", orig)
+        hugepages.restart_with_hugepages()
+
+
+def test_a_closed_stdout_does_not_stop_the_restart(monkeypatch):
+    monkeypatch.setattr(hugepages, "wanted", lambda environ=None, **kwargs: True)
+    monkeypatch.delenv(hugepages.RESTARTED, raising=False)
+    started = []
+    monkeypatch.setattr(hugepages.os, "execve", lambda path, argv, env: started.append((argv, env[hugepages.RESTARTED])))
+    monkeypatch.setattr(sys, "stdout", None)
+    monkeypatch.setattr(sys, "argv", ["keras-convnext", "--help"])
+    monkeypatch.setattr(sys, "orig_argv", ["python", "keras-convnext", "--help"])
+    hugepages.restart_with_hugepages()
+    assert started == [(["python", "keras-convnext", "--help"], "1")]
+
+
+def test_only_the_command_starts_itself_again_never_main(monkeypatch):
     calls = []
-    monkeypatch.setattr(hugepages, "restart_with_hugepages", lambda: calls.append(1))
-    with pytest.raises(SystemExit):
-        cli.main(["--help"])
-    assert calls == []  # called in-process (tests, a user's script): never replaces the caller
+    monkeypatch.setattr(hugepages, "restart_with_hugepages", lambda: calls.append("restart"))
     monkeypatch.setattr(sys, "argv", ["keras-convnext", "--help"])
     with pytest.raises(SystemExit):
-        cli.main()
-    assert calls == [1]
+        cli.main()  # called in-process (tests, a user's script): never replaces the caller
+    assert calls == []
+    with pytest.raises(SystemExit):
+        cli.console_main()
+    assert calls == ["restart"]
+    import tomllib
+
+    with open(os.path.join(os.path.dirname(__file__), "..", "pyproject.toml"), "rb") as f:
+        scripts = tomllib.load(f)["project"]["scripts"]
+    assert scripts["keras-convnext"] == "keras_convnext.cli:console_main"
 
 
 def test_every_benchmark_process_gets_the_same_allocator_setting(monkeypatch):
