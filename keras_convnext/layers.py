@@ -361,8 +361,7 @@ class ConvNeXtBlock(keras.layers.Layer):
         self.pwconv2.build(tuple(input_shape[:-1]) + (4 * self.dim,))
         # Stochastic depth runs only in training, so a model traced at inference never calls it: unbuilt, it
         # makes Keras's JAX predict and evaluate call the whole model eagerly on the first batch before
-        # compiling (an XLA program per op, about 120 for ConvNeXt-T: its first predict at batch 16 took 13.0 s, not
-        # 4.4, and peaked 735 MB above the build, not 369; docs/performance.md).
+        # compiling (an XLA program per op; the cost is measured in docs/performance.md).
         if self.drop_path is not None:
             self.drop_path.build(input_shape)
         self.gamma = None
