@@ -165,9 +165,13 @@ def dense_keras(x, kernel, bias, gelu):
 
 
 def _exact_gelu(y):
+    # Computed in float32 for a half-precision map and rounded once: in bfloat16, XLA:CPU rounds
+    # after every one of GELU's elementwise ops (and again in its gradient), which made the
+    # gradient's fusion 2-3x slower than in float32 (docs/performance.md).
     import jax
+    import jax.numpy as jnp
 
-    return jax.nn.gelu(y, approximate=False)
+    return jax.nn.gelu(y.astype(jnp.promote_types(y.dtype, jnp.float32)), approximate=False).astype(y.dtype)
 
 
 @functools.cache

@@ -514,3 +514,25 @@ def test_this_machine_is_detected_once():
     facts = hardware.describe()
     assert facts["isa"] == here["isa"] and set(facts["isa_flags"]) <= set(hardware.cpu_flags()[1])
     assert facts["cores"] == os.cpu_count()
+
+
+def test_jax_gelu_rounds_a_half_precision_map_once_in_value_and_gradient():
+    # The JAX dense form's GELU runs in float32 for a bfloat16 map and rounds its value and its
+    # gradient once each (backend_ops._exact_gelu); JAX is importable beside every backend.
+    import jax
+    import jax.numpy as jnp
+
+    y = np.random.default_rng(11).standard_normal(4096).astype("float32") * 3
+    y16 = jnp.asarray(y, jnp.bfloat16)
+    wide = y16.astype(jnp.float32)
+    expected = np.asarray(jax.nn.gelu(wide, approximate=False).astype(jnp.bfloat16).astype(jnp.float32))
+    got = jax.jit(backend_ops._exact_gelu)(y16)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), expected)
+    slope = jax.grad(lambda v: jax.nn.gelu(v, approximate=False).sum())(wide)
+    got_slope = jax.grad(lambda v: jax.checkpoint(backend_ops._exact_gelu)(v).astype(jnp.float32).sum())(y16)
+    assert got_slope.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(got_slope.astype(jnp.float32)),
+                                  np.asarray(slope.astype(jnp.bfloat16).astype(jnp.float32)))
+    # The float32 form is unchanged: no cast.
+    np.testing.assert_array_equal(np.asarray(backend_ops._exact_gelu(wide)), np.asarray(jax.nn.gelu(wide, approximate=False)))
