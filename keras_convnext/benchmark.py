@@ -313,12 +313,18 @@ def plan(variant="tiny", image_size=224, batch_size=16, precisions=("float32",),
     return specs
 
 
-def run(specs, progress=True):
-    """Measures every spec in its own process, with a progress bar; returns the results."""
+def run(specs, progress=True, on_result=None):
+    """Measures every spec in its own process, with a progress bar; returns the results.
+
+    `on_result(results)` is called with the results so far after every measurement (the CLI writes its JSON
+    there, so a run stopped part-way keeps every row it finished).
+    """
     bar = keras.utils.Progbar(len(specs), unit_name="run") if progress else None
     results = []
     for i, spec in enumerate(specs):
         results.append(measure(spec))
+        if on_result:
+            on_result(list(results))
         if bar:
             bar.update(i + 1)
     return results
@@ -348,9 +354,9 @@ def table(results):
     return "\n".join(lines)
 
 
-def report(results, command=None):
+def report(results, command=None, planned=None):
     """The JSON a run writes: the machine (CPU model, ISA class and flags, cores; the GPU's name for a GPU run),
-    the command and the results."""
+    the command, the results and, given the number of `planned` measurements, whether all of them are in."""
     from keras_convnext import hardware
 
     machine = hardware.describe()
@@ -358,7 +364,10 @@ def report(results, command=None):
     machine["glibc_tunables"] = hugepages.environ_with_hugepages(os.environ).get("GLIBC_TUNABLES", "")
     if any(r.get("device") == "gpu" for r in results):
         machine["gpu"] = _gpu_name()
-    return {"machine": machine, "command": command, "results": results}
+    data = {"machine": machine, "command": command, "results": results}
+    if planned is not None:
+        data.update(planned=planned, complete=len(results) == planned)
+    return data
 
 
 def gpu_backends():

@@ -70,11 +70,15 @@ def _cmd_benchmark(args):
                            precisions=args.precision, modes=args.mode, backends=backends,
                            peers=[] if args.no_peers else (args.peers or True), steps=args.steps, warmup=args.warmup,
                            device=args.device)
-    results = benchmark.run(specs, progress=True)
+    command = " ".join(["keras-convnext", *args.argv])
+
+    def save(done):  # after every row, written aside and renamed: a run stopped part-way keeps what it measured
+        _write_json(args.json, benchmark.report(done, command, planned=len(specs)))
+
+    results = benchmark.run(specs, progress=True, on_result=save if args.json else None)
     print()
     print(benchmark.table(results))
     if args.json:
-        _write_json(args.json, benchmark.report(results, command=" ".join(["keras-convnext", *args.argv])))
         print(f"wrote {args.json}")
     if args.plot:
         benchmark.plot(results, args.plot)

@@ -1,5 +1,6 @@
 """The benchmark's machinery (not its timings: speed is never a pass/fail test here)."""
 
+import dataclasses
 import json
 
 import keras
@@ -281,3 +282,40 @@ def test_the_gpu_script_on_a_machine_without_a_gpu(tmp_path):
     assert all("was asked to run on the gpu but torch computes on the cpu here" in r["error"]
                for r in report["results"])
     assert "failed: RuntimeError" in done.stdout
+
+
+def test_a_run_stopped_part_way_keeps_the_rows_it_finished(tmp_path, monkeypatch):
+    from keras_convnext.cli import main
+
+    calls = []
+
+    def fake_measure(spec):
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # Ctrl-C (or a kill) during the third row
+        calls.append(spec)
+        return {**dataclasses.asdict(spec), "label": spec.label, "images_per_second": 1.0 + len(calls),
+                "seconds": 1.0, "peak_memory_mb": 10.0}
+
+    monkeypatch.setattr(benchmark, "measure", fake_measure)
+    out = tmp_path / "r.json"
+    with pytest.raises(SystemExit) as stop:
+        main(["benchmark", "--variant", "atto", "--image-size", "32", "--batch-size", "1", "2", "3", "--steps", "1",
+              "--warmup", "1", "--mode", "inference", "--no-peers", "--json", str(out)])
+    assert stop.value.code != 0
+    report = json.loads(out.read_text())
+    assert (report["planned"], report["complete"]) == (3, False)
+    assert [r["batch_size"] for r in report["results"]] == [1, 2]
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # nothing half-written beside it
+
+
+def test_a_finished_run_says_it_is_complete(tmp_path, monkeypatch):
+    from keras_convnext.cli import main
+
+    monkeypatch.setattr(benchmark, "measure", lambda spec: {**dataclasses.asdict(spec), "label": spec.label,
+                                                            "images_per_second": 2.0, "seconds": 1.0,
+                                                            "peak_memory_mb": 10.0})
+    out = tmp_path / "r.json"
+    main(["benchmark", "--variant", "atto", "--image-size", "32", "--batch-size", "1", "2", "--steps", "1",
+          "--warmup", "1", "--mode", "inference", "--no-peers", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert (report["planned"], report["complete"], len(report["results"])) == (2, True, 2)
