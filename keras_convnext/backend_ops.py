@@ -165,9 +165,8 @@ def dense_keras(x, kernel, bias, gelu):
 
 
 def _exact_gelu(y):
-    # Computed in float32 for a half-precision map and rounded once: in bfloat16, XLA:CPU rounds
-    # after every one of GELU's elementwise ops (and again in its gradient), which made the
-    # gradient's fusion 2-3x slower than in float32 (docs/performance.md).
+    # In float32 for a half-precision map, rounded once: in bfloat16 XLA:CPU rounds after each of
+    # GELU's elementwise ops, and its gradient's fusion took 1.8x its float32 time (docs/performance.md).
     import jax
     import jax.numpy as jnp
 

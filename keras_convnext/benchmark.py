@@ -354,9 +354,19 @@ def table(results):
     return "\n".join(lines)
 
 
-def report(results, command=None, planned=None):
+def report(results, command=None, planned=None, machine=None):
     """The JSON a run writes: the machine (CPU model, ISA class and flags, cores; the GPU's name for a GPU run),
-    the command, the results and, given the number of `planned` measurements, whether all of them are in."""
+    the command, the results and, given the number of `planned` measurements, whether all of them are in.
+    `machine` reuses an earlier report's (a run rewrites its report after every row)."""
+    if machine is None:
+        machine = _machine(results)
+    data = {"machine": machine, "command": command, "results": results}
+    if planned is not None:
+        data.update(planned=planned, complete=len(results) == planned)
+    return data
+
+
+def _machine(results):
     from keras_convnext import hardware
 
     machine = hardware.describe()
@@ -364,10 +374,7 @@ def report(results, command=None, planned=None):
     machine["glibc_tunables"] = hugepages.environ_with_hugepages(os.environ).get("GLIBC_TUNABLES", "")
     if any(r.get("device") == "gpu" for r in results):
         machine["gpu"] = _gpu_name()
-    data = {"machine": machine, "command": command, "results": results}
-    if planned is not None:
-        data.update(planned=planned, complete=len(results) == planned)
-    return data
+    return machine
 
 
 def gpu_backends():

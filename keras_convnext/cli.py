@@ -72,8 +72,12 @@ def _cmd_benchmark(args):
                            device=args.device)
     command = " ".join(["keras-convnext", *args.argv])
 
+    machine = []
+
     def save(done):  # after every row, written aside and renamed: a run stopped part-way keeps what it measured
-        _write_json(args.json, benchmark.report(done, command, planned=len(specs)))
+        data = benchmark.report(done, command, planned=len(specs), machine=machine[0] if machine else None)
+        machine[:] = [data["machine"]]  # read once (a GPU's name asks nvidia-smi)
+        _write_json(args.json, data)
 
     results = benchmark.run(specs, progress=True, on_result=save if args.json else None)
     print()

@@ -518,8 +518,8 @@ def test_this_machine_is_detected_once():
 
 def test_jax_gelu_rounds_a_half_precision_map_once_in_value_and_gradient():
     # The JAX dense form's GELU runs in float32 for a bfloat16 map and rounds its value and its
-    # gradient once each (backend_ops._exact_gelu); JAX is importable beside every backend.
-    import jax
+    # gradient once each (backend_ops._exact_gelu), whichever backend this process runs.
+    jax = pytest.importorskip("jax")
     import jax.numpy as jnp
 
     y = np.random.default_rng(11).standard_normal(4096).astype("float32") * 3
