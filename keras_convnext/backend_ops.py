@@ -251,7 +251,7 @@ def _onednn_linear_ok(x, *params):
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
-def dense_torch(x, kernel, bias, gelu):
+def dense_torch(x, kernel, bias, gelu, onednn=True):
     # Keras's Dense is matmul, then a separate bias add, then GELU: three passes over a 4C-wide
     # map. For training, addmm folds the bias into the GEMM (by first copying it into every row of
     # the output). At inference oneDNN's linear (what torch.compile's CPU backend emits; torch eager
@@ -264,13 +264,19 @@ def dense_torch(x, kernel, bias, gelu):
     kernel, bias = ops.convert_to_tensor(kernel), ops.convert_to_tensor(bias)
     kernel, bias = kernel.to(x.dtype), bias.to(x.dtype)
     flat = x.reshape(-1, x.shape[-1])
-    if _onednn_linear_ok(flat, kernel, bias):
+    if onednn and _onednn_linear_ok(flat, kernel, bias):
         y = torch.ops.mkldnn._linear_pointwise(flat, kernel.t(), bias, "gelu" if gelu else "none", [], "none")
     else:
         y = torch.addmm(bias, flat, kernel)
         if gelu:
             y = F.gelu(y)
     return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def dense_addmm_torch(x, kernel, bias, gelu):
+    # addmm (+ GELU) at inference too: on an AVX2-only CPU oneDNN's float32 linear with its GELU
+    # post-op made ConvNeXt-T's eager predict 1.4-1.8x slower than this (docs/dispatch.md).
+    return dense_torch(x, kernel, bias, gelu, onednn=False)
 
 
 def dense_scale_add_torch(x, kernel, bias, gamma, shortcut):
@@ -327,12 +333,15 @@ def dense_tensorflow(x, kernel, bias, gelu):
 
 # Dense and LayerNorm forms are named after the backend they are written for, or "keras" (any
 # backend); a backend's own form, where it has one, is its default.
-DENSE_FORMULATIONS = {"torch": dense_torch, "tensorflow": dense_tensorflow, "jax": dense_jax, "keras": dense_keras}
+# A second form of a backend's is named `<what>_<backend>`.
+DENSE_FORMULATIONS = {"torch": dense_torch, "addmm_torch": dense_addmm_torch, "tensorflow": dense_tensorflow,
+                      "jax": dense_jax, "keras": dense_keras}
 
 
 def own_or_keras(formulations, backend=BACKEND):
     """The formulations of `formulations` that run on `backend`, its default first."""
-    return [name for name in formulations if name == backend] + ["keras"]
+    own = [name for name in formulations if name == backend]
+    return own + [name for name in formulations if name.endswith(f"_{backend}")] + ["keras"]
 
 
 def dense_formulations_for(backend=BACKEND):
@@ -412,6 +421,7 @@ ANY = "*"
 DISPATCH = (
     # backend       device ISA  dtype   depthwise      dense         layer_norm
     ("jax",         "cpu", ANY, ANY,    "shifted_jax", "jax",        "jax"),
+    ("torch",       "cpu", "avx2", ANY, "torch",       "addmm_torch", "torch"),  # oneDNN's linear is slower there
     ("torch",       "cpu", ANY, ANY,    "torch",       "torch",      "torch"),
     ("tensorflow",  "cpu", ANY, ANY,    "keras",       "tensorflow", "keras"),
     (ANY,           ANY,   ANY, ANY,    "keras",       "keras",      "keras"),

@@ -154,7 +154,7 @@ def _dense_inputs(seed=0, shape=(2, 5, 7, 6), units=24):
 
 def test_dense_formulations_per_backend():
     # The first is the backend's default.
-    assert backend_ops.dense_formulations_for("torch") == ["torch", "keras"]
+    assert backend_ops.dense_formulations_for("torch") == ["torch", "addmm_torch", "keras"]
     assert backend_ops.dense_formulations_for("tensorflow") == ["tensorflow", "keras"]
     assert backend_ops.dense_formulations_for("jax") == ["jax", "keras"]
     assert backend_ops.layer_norm_formulations_for("torch") == ["torch", "keras"]
@@ -163,6 +163,7 @@ def test_dense_formulations_per_backend():
 
 
 def test_the_backends_own_form_is_the_default(monkeypatch):
+    fake_hardware(monkeypatch, "cpu", "avx512")  # an AVX2-only CPU takes torch's second form (the dispatch tests)
     backend = keras.backend.backend()
     expected = {"torch": "torch", "tensorflow": "tensorflow", "jax": "jax"}[backend]
     monkeypatch.setitem(backend_ops.DENSE_FORMULATIONS, expected, lambda *args: "dense default")
@@ -240,7 +241,7 @@ def test_dense_in_mixed_precision_and_its_gradients_stay_within_bfloat16_roundin
 
 
 @pytest.mark.parametrize("dtype, atol", [("float32", 1e-4), ("bfloat16", 0.05)])
-def test_dense_scale_add_fuses_only_where_it_can(dtype, atol):
+def test_dense_scale_add_fuses_only_where_it_can(dtype, atol, monkeypatch):
     x, kernel, bias = _dense_inputs(6, units=24)
     rng = np.random.default_rng(9)
     gamma, shortcut = rng.uniform(0.5, 1.5, 24).astype("float32"), rng.standard_normal((2, 5, 7, 24)).astype("float32")
@@ -253,6 +254,9 @@ def test_dense_scale_add_fuses_only_where_it_can(dtype, atol):
     import torch
 
     with torch.no_grad():
+        fake_hardware(monkeypatch, "cpu", "avx2")
+        assert backend_ops.dense_scale_add(*tensors) is None  # addmm there, and the block step by step
+        fake_hardware(monkeypatch, "cpu", "avx512")
         out = backend_ops.dense_scale_add(*tensors)
         if dtype == "bfloat16" and not backend_ops.onednn_bf16():
             assert out is None  # no oneDNN bfloat16 kernel on this CPU (AVX2 only): the block runs step by step
@@ -430,12 +434,17 @@ CPU_FORMS = {"jax": ("shifted_jax", "jax", "jax"), "torch": ("torch", "torch", "
              "tensorflow": ("keras", "tensorflow", "keras")}
 
 
+def cpu_forms(backend, isa):
+    # On an AVX2-only CPU torch's Dense takes addmm at inference too (docs/dispatch.md).
+    return ("torch", "addmm_torch", "torch") if (backend, isa) == ("torch", "avx2") else CPU_FORMS[backend]
+
+
 @pytest.mark.parametrize("backend", ["tensorflow", "jax", "torch"])
 def test_dispatch_table_gives_cpu_forms_on_cpus_and_keras_ops_on_accelerators(backend):
     names = ("depthwise", "dense", "layer_norm")
     for isa in hardware.ISAS:
         for dtype in ("float32", "bfloat16", "float16"):
-            assert backend_ops.forms_for(backend, "cpu", isa, dtype) == dict(zip(names, CPU_FORMS[backend]))
+            assert backend_ops.forms_for(backend, "cpu", isa, dtype) == dict(zip(names, cpu_forms(backend, isa)))
             for device in ("gpu", "tpu"):
                 assert backend_ops.forms_for(backend, device, isa, dtype) == dict.fromkeys(names, "keras")
     # every form the table names exists and runs on its backend
@@ -462,7 +471,7 @@ def test_the_ops_follow_the_detected_device(device, isa, monkeypatch):
     backend_ops.depthwise_conv_same(x, keras.ops.ones((7, 7, 3, 1)), keras.ops.zeros((3,)))
     backend_ops.dense(x, keras.ops.ones((3, 2)), keras.ops.zeros((2,)), gelu=True)
     backend_ops.layer_norm(x, keras.ops.ones((3,)), keras.ops.zeros((3,)), 1e-6)
-    expected = ["keras"] * 3 if device != "cpu" else list(CPU_FORMS[keras.backend.backend()])
+    expected = ["keras"] * 3 if device != "cpu" else list(cpu_forms(keras.backend.backend(), isa))
     assert calls == expected
 
 
