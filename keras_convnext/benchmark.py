@@ -357,22 +357,24 @@ def table(results):
 def report(results, command=None, planned=None, machine=None):
     """The JSON a run writes: the machine (CPU model, ISA class and flags, cores; the GPU's name for a GPU run),
     the command, the results and, given the number of `planned` measurements, whether all of them are in.
-    `machine` reuses an earlier report's (a run rewrites its report after every row)."""
+    `machine` is `machine_facts`' answer, when the caller has read it already (a run rewrites its report after
+    every row)."""
     if machine is None:
-        machine = _machine(results)
+        machine = machine_facts(gpu=any(r.get("device") == "gpu" for r in results))
     data = {"machine": machine, "command": command, "results": results}
     if planned is not None:
         data.update(planned=planned, complete=len(results) == planned)
     return data
 
 
-def _machine(results):
+def machine_facts(gpu=False):
+    """The machine a run measures: `hardware.describe()`, the allocator tunables and, for a GPU run, the GPU's name."""
     from keras_convnext import hardware
 
     machine = hardware.describe()
     # What every measured process started with (`measure` adds the huge-page tunable where it helps).
     machine["glibc_tunables"] = hugepages.environ_with_hugepages(os.environ).get("GLIBC_TUNABLES", "")
-    if any(r.get("device") == "gpu" for r in results):
+    if gpu:
         machine["gpu"] = _gpu_name()
     return machine
 

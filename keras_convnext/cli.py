@@ -72,12 +72,11 @@ def _cmd_benchmark(args):
                            device=args.device)
     command = " ".join(["keras-convnext", *args.argv])
 
-    machine = []
+    # Read once, not after every row: a GPU's name asks nvidia-smi.
+    machine = benchmark.machine_facts(gpu=args.device == "gpu") if args.json else None
 
     def save(done):  # after every row, written aside and renamed: a run stopped part-way keeps what it measured
-        data = benchmark.report(done, command, planned=len(specs), machine=machine[0] if machine else None)
-        machine[:] = [data["machine"]]  # read once (a GPU's name asks nvidia-smi)
-        _write_json(args.json, data)
+        _write_json(args.json, benchmark.report(done, command, planned=len(specs), machine=machine))
 
     results = benchmark.run(specs, progress=True, on_result=save if args.json else None)
     print()

@@ -47,6 +47,14 @@ def tiny_variant():
     return Variant("test_tiny", TINY["depths"], TINY["dims"])
 
 
+def fake_hardware(monkeypatch, device="cpu", isa="avx2"):
+    """Makes `hardware.detect` report `device` and CPU `isa` (the dispatch table's inputs) for this test."""
+    from keras_convnext import hardware
+
+    here = dict(hardware.detect(keras.backend.backend()), device=device, isa=isa)
+    monkeypatch.setattr(hardware, "detect", lambda backend=None: here)
+
+
 # The resident size (GB) at which the next test's teardown collects garbage in full.
 _collect_at_gb = [4.0]
 

@@ -10,6 +10,7 @@ from scipy.special import erf
 
 from keras_convnext import backend_ops, hardware
 from keras_convnext.layers import DepthwiseConv, LayerNorm, PointwiseDense
+from conftest import fake_hardware
 
 
 def reference(x, kernel, bias):
@@ -453,11 +454,6 @@ def test_dispatch_table_gives_cpu_forms_on_cpus_and_keras_ops_on_accelerators(ba
             assert row[4] in backend_ops.formulations_for(backend)
             assert row[5] in backend_ops.dense_formulations_for(backend)
             assert row[6] in backend_ops.layer_norm_formulations_for(backend)
-
-
-def fake_hardware(monkeypatch, device="cpu", isa="avx2"):
-    here = dict(hardware.detect(keras.backend.backend()), device=device, isa=isa)
-    monkeypatch.setattr(hardware, "detect", lambda backend=None: here)
 
 
 @pytest.mark.parametrize("device, isa", [("gpu", "other"), ("tpu", "other"), ("cpu", "amx"), ("cpu", "avx2")])

@@ -317,11 +317,11 @@ def test_a_finished_run_says_it_is_complete(tmp_path, monkeypatch):
                                                             "images_per_second": 2.0, "seconds": 1.0,
                                                             "peak_memory_mb": 10.0})
     reads = []
-    real_machine = benchmark._machine
-    monkeypatch.setattr(benchmark, "_machine", lambda results: reads.append(1) or real_machine(results))
+    real_facts = benchmark.machine_facts
+    monkeypatch.setattr(benchmark, "machine_facts", lambda gpu=False: reads.append(gpu) or real_facts(gpu))
     out = tmp_path / "r.json"
     main(["benchmark", "--variant", "atto", "--image-size", "32", "--batch-size", "1", "2", "--steps", "1",
           "--warmup", "1", "--mode", "inference", "--no-peers", "--json", str(out)])
     report = json.loads(out.read_text())
     assert (report["planned"], report["complete"], len(report["results"])) == (2, True, 2)
-    assert len(reads) == 1 and report["machine"]["cpu"]  # the machine is read once, not after every row
+    assert reads == [False] and report["machine"]["cpu"]  # the machine is read once, not after every row

@@ -4,7 +4,7 @@ import re
 import keras
 import numpy as np
 import pytest
-from conftest import TINY
+from conftest import TINY, fake_hardware
 
 import harness
 
@@ -466,10 +466,9 @@ def test_block_tails_fused_at_inference_give_the_same_numbers(policy, isa, monke
     # Eager PyTorch inference computes pwconv2 -> layer scale -> add as one op (backend_ops.dense_scale_add)
     # except on an AVX2-only CPU (the dispatch table); every other backend and every gradient-taking call
     # runs the steps one by one.
-    from keras_convnext import backend_ops, hardware
+    from keras_convnext import backend_ops
 
-    here = dict(hardware.detect(keras.backend.backend()), device="cpu", isa=isa)
-    monkeypatch.setattr(hardware, "detect", lambda backend=None: here)
+    fake_hardware(monkeypatch, "cpu", isa)
 
     keras.config.set_dtype_policy(policy)
     model = tiny(drop_path_rate=0.3, include_top=False, pooling="avg", input_shape=(40, 40, 3))
