@@ -379,19 +379,28 @@ def machine_facts(gpu=False):
     return machine
 
 
-def gpu_backends():
-    """{backend: device} for every Keras backend, each asked in its own process ("missing" if it cannot load)."""
-    found = {}
+def gpu_backends(timeout=600):
+    """{backend: device} for every Keras backend, each asked in its own process ("missing" if it cannot load).
+
+    The three processes run side by side: each spends its time importing its framework, mostly on one core.
+    """
+    probes = {}
     for backend in BACKENDS:
         code = f"from keras_convnext import hardware; print(hardware.device_of({backend!r}))"
         env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+        probes[backend] = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                                           stderr=subprocess.DEVNULL, text=True)
+    found = {}
+    for backend, probe in probes.items():
         try:
-            done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+            out, _ = probe.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
+            probe.kill()
+            probe.communicate()
             found[backend] = "timed out"
             continue
-        lines = done.stdout.strip().splitlines()
-        found[backend] = lines[-1] if done.returncode == 0 and lines else "missing"
+        lines = out.strip().splitlines()
+        found[backend] = lines[-1] if probe.returncode == 0 and lines else "missing"
     return found
 
 

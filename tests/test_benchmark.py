@@ -251,6 +251,22 @@ def test_a_v2_plan_measures_timms_v2_and_no_keras_applications():
         benchmark.plan(variant="convnextv3_tiny")
 
 
+@once  # the probes choose their own backends whatever this process runs
+def test_a_backend_probe_past_its_time_is_killed_and_reported(monkeypatch):
+    import subprocess
+
+    started = []
+
+    class Recorded(subprocess.Popen):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            started.append(self)
+
+    monkeypatch.setattr(benchmark.subprocess, "Popen", Recorded)
+    assert benchmark.gpu_backends(timeout=0.01) == {b: "timed out" for b in benchmark.BACKENDS}
+    assert len(started) == 3 and all(p.returncode is not None for p in started)  # killed and reaped: none left
+
+
 @once  # the script's children choose their own backends whatever this process runs
 def test_the_gpu_script_on_a_machine_without_a_gpu(tmp_path):
     import os
