@@ -380,27 +380,33 @@ def machine_facts(gpu=False):
 
 
 def gpu_backends(timeout=600):
-    """{backend: device} for every Keras backend, each asked in its own process ("missing" if it cannot load).
+    """{backend: device} for every Keras backend, each asked in its own process: "missing" where it cannot
+    load, "timed out" where it has not answered `timeout` seconds after the probes started.
 
-    The three processes run side by side: each spends its time importing its framework, mostly on one core.
+    The three processes run side by side (each spends its time importing its framework, mostly on one core);
+    none is left running when this returns or raises.
     """
-    probes = {}
-    for backend in BACKENDS:
-        code = f"from keras_convnext import hardware; print(hardware.device_of({backend!r}))"
-        env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
-        probes[backend] = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
-                                           stderr=subprocess.DEVNULL, text=True)
-    found = {}
-    for backend, probe in probes.items():
-        try:
-            out, _ = probe.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            probe.kill()
-            probe.communicate()
-            found[backend] = "timed out"
-            continue
-        lines = out.strip().splitlines()
-        found[backend] = lines[-1] if probe.returncode == 0 and lines else "missing"
+    deadline = time.monotonic() + timeout
+    probes, found = {}, {}
+    try:
+        for backend in BACKENDS:
+            code = f"from keras_convnext import hardware; print(hardware.device_of({backend!r}))"
+            env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+            probes[backend] = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                                               stderr=subprocess.DEVNULL, text=True)
+        for backend, probe in probes.items():
+            try:
+                out, _ = probe.communicate(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                found[backend] = "timed out"
+                continue
+            lines = out.strip().splitlines()
+            found[backend] = lines[-1] if probe.returncode == 0 and lines else "missing"
+    finally:
+        for probe in probes.values():
+            if probe.poll() is None:
+                probe.kill()
+            probe.communicate()  # reaped, its pipe closed
     return found
 
 

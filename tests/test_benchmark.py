@@ -252,7 +252,9 @@ def test_a_v2_plan_measures_timms_v2_and_no_keras_applications():
 
 
 @once  # the probes choose their own backends whatever this process runs
-def test_a_backend_probe_past_its_time_is_killed_and_reported(monkeypatch):
+@pytest.mark.parametrize("stop", ["timeout", "interrupt"])
+def test_a_backend_probe_is_killed_and_reaped_when_its_time_is_up_or_the_caller_is_stopped(monkeypatch, stop):
+    import signal
     import subprocess
 
     started = []
@@ -262,9 +264,20 @@ def test_a_backend_probe_past_its_time_is_killed_and_reported(monkeypatch):
             super().__init__(*args, **kwargs)
             started.append(self)
 
-    monkeypatch.setattr(benchmark.subprocess, "Popen", Recorded)
-    assert benchmark.gpu_backends(timeout=0.01) == {b: "timed out" for b in benchmark.BACKENDS}
-    assert len(started) == 3 and all(p.returncode is not None for p in started)  # killed and reaped: none left
+        def communicate(self, *args, timeout=None, **kwargs):
+            if stop == "interrupt" and timeout is not None:
+                raise KeyboardInterrupt  # Ctrl-C while the first probe is awaited
+            return super().communicate(*args, timeout=timeout, **kwargs)
+
+    monkeypatch.setattr(subprocess, "Popen", Recorded)  # the module benchmark calls
+    if stop == "timeout":
+        assert benchmark.gpu_backends(timeout=0.01) == {b: "timed out" for b in benchmark.BACKENDS}
+    else:
+        with pytest.raises(KeyboardInterrupt):
+            benchmark.gpu_backends()
+    # Every probe was still importing its framework: each was killed and waited for, none left running.
+    assert len(started) == len(benchmark.BACKENDS)
+    assert [p.returncode for p in started] == [-signal.SIGKILL] * len(started)
 
 
 @once  # the script's children choose their own backends whatever this process runs
