@@ -354,6 +354,25 @@ def dense(x, kernel, bias, gelu=False, formulation=None):
     return DENSE_FORMULATIONS[formulation or forms_here(x.dtype)["dense"]](x, kernel, bias, gelu)
 
 
+def dense_scaled(x, kernel, bias, gamma):
+    """(x @ kernel + bias) * gamma as x @ (kernel * gamma) + bias * gamma, or None: scale the output instead.
+
+    The same product, but the per-channel scale multiplies C x 4C numbers instead of the N x H x W x C map:
+    one pass over the map less forward and two less backward, and the map is not kept for gamma's gradient
+    (the GEMM keeps its input anyway; docs/performance.md has the effect on a training step's memory). The
+    CPU dense forms fold; Keras's own (accelerators: not measured there) and float16 do not (the product of a
+    kernel and ConvNeXt's initial scale of 1e-6 is below float16's range).
+    """
+    from keras import ops
+
+    form = forms_here(x.dtype)["dense"]
+    if form == "keras" or keras.backend.standardize_dtype(x.dtype) == "float16":
+        return None
+    gamma = ops.cast(gamma, "float32")  # the fold in float32; the form casts the folded kernel to x's dtype
+    return DENSE_FORMULATIONS[form](x, ops.cast(kernel, "float32") * gamma, ops.cast(bias, "float32") * gamma,
+                                    False)
+
+
 # A block's tail fused: only where a backend has a fused form (eager PyTorch inference); under
 # jit (JAX, tf.function) the compiler fuses the elementwise steps itself.
 SCALE_ADD_FORMULATIONS = {"torch": dense_scale_add_torch}

@@ -217,6 +217,14 @@ class PointwiseDense(keras.layers.Dense):
             return super().call(inputs, training=training)
         return backend_ops.dense(inputs, self.kernel, self.bias, gelu=gelu)
 
+    def scaled(self, inputs, gamma):
+        """`self(inputs) * gamma` with the per-channel scale folded into the kernel and bias, or None where
+        the layer is not plain or the backend's form does not fold (`backend_ops.dense_scaled`)."""
+        if (not self._plain() or self.activation is not keras.activations.linear
+                or keras.backend.standardize_dtype(inputs.dtype) != self.compute_dtype):
+            return None
+        return backend_ops.dense_scaled(inputs, self.kernel, self.bias, gamma)
+
     def scale_add(self, inputs, gamma, shortcut):
         """`shortcut + self(inputs) * gamma` as one fused op, or None where the backend has none.
 
@@ -315,8 +323,9 @@ class ConvNeXtBlock(keras.layers.Layer):
     A layer, as the official code's `Block`: its intermediates live only during its `call`. Its
     sublayers and variable are named as the official keys (`dwconv`, `norm`, `pwconv1`, `pwconv2`,
     `gamma`; `names.py`). At inference on PyTorch, with concrete tensors none of which needs a
-    gradient, the last three steps run as one oneDNN GEMM (`PointwiseDense.scale_add`); otherwise,
-    and on every other backend, they run step by step, the same numbers.
+    gradient, the last three steps run as one oneDNN GEMM (`PointwiseDense.scale_add`); otherwise
+    the layer scale is folded into pwconv2's kernel and bias on a CPU (`PointwiseDense.scaled`), and the
+    residual added: the same numbers.
 
     Args:
         dim: channels in and out.
@@ -385,9 +394,7 @@ class ConvNeXtBlock(keras.layers.Layer):
             keep = ops.cast(keep, x.dtype)
             if self.grn_layer is not None:
                 x = self.grn_layer(x * keep)
-            x = self.pwconv2(x)
-            if self.gamma is not None:
-                x = x * ops.cast(self.gamma, x.dtype)
+            x = self._pwconv2_scaled(x)
             if self.drop_path is not None:
                 x = self.drop_path(x, training=training)
             return (inputs + x) * keep
@@ -398,12 +405,17 @@ class ConvNeXtBlock(keras.layers.Layer):
             fused = self.pwconv2.scale_add(x, self.gamma, inputs)
             if fused is not None:
                 return fused
-        x = self.pwconv2(x)
-        if self.gamma is not None:
-            x = x * ops.cast(self.gamma, x.dtype)
+        x = self._pwconv2_scaled(x)
         if self.drop_path is not None:
             x = self.drop_path(x, training=training)
         return inputs + x
+
+    def _pwconv2_scaled(self, x):
+        """pwconv2, then the layer scale: folded into pwconv2's kernel where it can be (`PointwiseDense.scaled`)."""
+        if self.gamma is None:
+            return self.pwconv2(x)
+        scaled = self.pwconv2.scaled(x, self.gamma)
+        return scaled if scaled is not None else self.pwconv2(x) * ops.cast(self.gamma, x.dtype)
 
     def compute_output_shape(self, input_shape):
         return input_shape

@@ -510,6 +510,43 @@ def test_fused_tails_give_every_layer_scale_its_gradient():
     assert all(np.abs(g).sum() > 0 for g in grads), [v.path for v, g in zip(trainable, grads) if not np.abs(g).sum()]
 
 
+@pytest.mark.parametrize("policy, device, folds", [
+    ("float32", "cpu", True), ("mixed_bfloat16", "cpu", True),
+    ("mixed_float16", "cpu", False),  # a kernel times the initial 1e-6 scale is below float16's range
+    ("float32", "gpu", False),  # Keras's own ops on an accelerator: not measured there
+])
+def test_the_layer_scale_folds_into_pwconv2_with_the_same_values_and_gradients(policy, device, folds, monkeypatch):
+    from keras_convnext import backend_ops
+    from keras_convnext.layers import PointwiseDense
+
+    fake_hardware(monkeypatch, device, "avx512")
+    keras.config.set_dtype_policy(policy)
+    model = tiny(classifier_activation=None)  # logits: (softmax outputs sum to 1, normalised features to 0)
+    scaled_layer_scales(model)
+    rng = np.random.default_rng(6)
+    for block in (b for stage in model.stages for b in stage.blocks):  # biases that matter (they start at 0)
+        block.pwconv2.bias.assign(rng.normal(0, 0.5, block.pwconv2.bias.shape))
+    calls = []
+    original = backend_ops.dense_scaled
+
+    def counted(*args):
+        out = original(*args)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(backend_ops, "dense_scaled", counted)
+    x = np.random.default_rng(5).integers(0, 256, (2, 32, 32, 3)).astype("float32")
+    out, grads = keras.ops.convert_to_numpy(model(x)), backend_gradients(model, x)
+    assert calls and all(c == folds for c in calls), calls  # every block, eager and under autodiff
+    monkeypatch.setattr(PointwiseDense, "scaled", lambda self, inputs, gamma: None)  # scale the map instead
+    plain_out, plain_grads = keras.ops.convert_to_numpy(model(x)), backend_gradients(model, x)
+    tolerance = 1e-5 if policy == "float32" else 0.05
+    np.testing.assert_allclose(out, plain_out, atol=tolerance * np.abs(plain_out).max(), rtol=0)
+    for v, g, plain in zip(model.trainable_variables, grads, plain_grads):
+        assert np.abs(g).max() > 0, v.path
+        np.testing.assert_allclose(g, plain, atol=tolerance * np.abs(plain).max(), rtol=0, err_msg=v.path)
+
+
 def backend_gradients(model, x):
     """d(sum of outputs) / d(trainable variables), in each backend's own autodiff."""
     backend = keras.backend.backend()
