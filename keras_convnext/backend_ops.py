@@ -297,6 +297,61 @@ def dense_scale_add_torch(x, kernel, bias, gamma, shortcut):
     return y.reshape(shortcut.shape)
 
 
+# Rows of a block's map per tile in `block_mlp_torch`: a stage-0 tile's 4C-wide hidden map is 3 MB in
+# float32 (2,048 x 384), a stage-3 one's 25 MB; 1,024-4,096 rows measured alike (docs/performance.md).
+MLP_TILE_ROWS = 2048
+
+
+def block_mlp_torch(x, kernel1, bias1, kernel2, bias2, gamma, shortcut, rows=None):
+    """shortcut + (gelu(x @ kernel1 + bias1) @ kernel2 + bias2) * gamma in tiles of rows at inference; else None.
+
+    In eager PyTorch a block's MLP makes its 4C-wide hidden map whole, twice (pwconv1's output and the
+    GELU's), and the allocator hands a fresh one out on every block: at stage 0 and batch 16, 77 MB each,
+    the largest allocations of a forward pass. Tiled, the hidden map exists for `rows` rows at a time and
+    each tile's output is accumulated into its rows of the result (shortcut + scaled bias, then the GEMM
+    with beta=1), so the process peaks lower and the GELU reads and writes memory that is already mapped.
+    The same products as the plain path (the scale folded into pwconv2, as `dense_scaled`), summed in
+    another order: float32 results agree to rounding. Eager inference only: concrete CPU tensors none of
+    which needs a gradient, not inside torch.compile or an export trace.
+    """
+    import torch
+    import torch.nn.functional as F
+    from keras import ops
+
+    kernel1, bias1, kernel2, bias2, gamma = (ops.convert_to_tensor(v) for v in (kernel1, bias1, kernel2, bias2, gamma))
+    flat = x.reshape(-1, x.shape[-1])
+    if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or shortcut.dtype != x.dtype
+            or tuple(shortcut.shape) != (*x.shape[:-1], kernel2.shape[-1]) or torch.compiler.is_compiling()
+            or (torch.is_grad_enabled() and any(t.requires_grad for t in (x, kernel1, bias1, kernel2, bias2, gamma,
+                                                                            shortcut)))):
+        return None
+    rows = rows or MLP_TILE_ROWS
+    kernel1, bias1 = kernel1.to(x.dtype), bias1.to(x.dtype)
+    gamma = gamma.float()
+    kernel2, bias2 = (kernel2.float() * gamma).to(x.dtype), (bias2.float() * gamma).to(x.dtype)
+    residual = shortcut.reshape(flat.shape[0], -1)
+    out = torch.empty_like(residual)
+    for start in range(0, flat.shape[0], rows):
+        hidden = F.gelu(torch.addmm(bias1, flat[start:start + rows], kernel1))
+        tile = out[start:start + rows]
+        torch.add(residual[start:start + rows], bias2, out=tile)
+        tile.addmm_(hidden, kernel2)
+    return out.reshape(shortcut.shape)
+
+
+# A block's whole MLP in tiles: where the dispatched dense form has a tiled one. Only the AVX2 row's
+# (`addmm_torch`), where it was measured; the oneDNN form elsewhere keeps its fused tail
+# (`dense_scale_add_torch`) until the tiles are measured on an AVX-512 or AMX CPU. Under jit (JAX,
+# tf.function) the compiler schedules the map's memory itself.
+MLP_FORMULATIONS = {"addmm_torch": block_mlp_torch}
+
+
+def block_mlp(x, kernel1, bias1, kernel2, bias2, gamma, shortcut):
+    """shortcut + (gelu(x @ kernel1 + bias1) @ kernel2 + bias2) * gamma in one tiled op, or None: step by step."""
+    tiled = MLP_FORMULATIONS.get(forms_here(x.dtype)["dense"])
+    return tiled(x, kernel1, bias1, kernel2, bias2, gamma, shortcut) if tiled else None
+
+
 def _gelu_tensorflow(y):
     import math
 

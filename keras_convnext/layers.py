@@ -323,9 +323,10 @@ class ConvNeXtBlock(keras.layers.Layer):
     A layer, as the official code's `Block`: its intermediates live only during its `call`. Its
     sublayers and variable are named as the official keys (`dwconv`, `norm`, `pwconv1`, `pwconv2`,
     `gamma`; `names.py`). At inference on PyTorch, with concrete tensors none of which needs a
-    gradient, the last three steps run as one oneDNN GEMM (`PointwiseDense.scale_add`); otherwise
-    the layer scale is folded into pwconv2's kernel and bias on a CPU (`PointwiseDense.scaled`), and the
-    residual added: the same numbers.
+    gradient, the MLP and the tail run in tiles of rows on an AVX2-only CPU (`backend_ops.block_mlp`: the
+    4C-wide hidden map never whole) and the last three steps as one oneDNN GEMM on other CPUs
+    (`PointwiseDense.scale_add`); otherwise the layer scale is folded into pwconv2's kernel and bias on a
+    CPU (`PointwiseDense.scaled`), and the residual added: the same numbers.
 
     Args:
         dim: channels in and out.
@@ -389,7 +390,13 @@ class ConvNeXtBlock(keras.layers.Layer):
         only) nor, through the residual, the next block's dwconv. So `x` is zeroed before the GRN and the
         block's output is zeroed at the end.
         """
-        x = self.pwconv1(self.norm(self.dwconv(inputs)))
+        x = self.norm(self.dwconv(inputs))
+        if keep is None and self.gamma is not None and not (training and self.drop_path is not None):
+            # (a frozen block in training still drops its path)
+            tiled = self._mlp_tiled(x, inputs)
+            if tiled is not None:
+                return tiled
+        x = self.pwconv1(x)
         if keep is not None:
             keep = ops.cast(keep, x.dtype)
             if self.grn_layer is not None:
@@ -409,6 +416,17 @@ class ConvNeXtBlock(keras.layers.Layer):
         if self.drop_path is not None:
             x = self.drop_path(x, training=training)
         return inputs + x
+
+    def _mlp_tiled(self, x, inputs):
+        """pwconv1 -> GELU -> pwconv2 -> scale -> + inputs in tiles of rows (`backend_ops.block_mlp`), or None."""
+        plain = (self.pwconv1._plain() and self.pwconv2._plain() and self.grn_layer is None
+                 and self.pwconv1.activation is keras.activations.gelu
+                 and self.pwconv2.activation is keras.activations.linear
+                 and keras.backend.standardize_dtype(x.dtype) == self.compute_dtype)
+        if not plain:
+            return None
+        return backend_ops.block_mlp(x, self.pwconv1.kernel, self.pwconv1.bias, self.pwconv2.kernel,
+                                     self.pwconv2.bias, self.gamma, inputs)
 
     def _pwconv2_scaled(self, x):
         """pwconv2, then the layer scale: folded into pwconv2's kernel where it can be (`PointwiseDense.scaled`)."""

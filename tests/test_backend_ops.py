@@ -270,6 +270,38 @@ def test_dense_scale_add_fuses_only_where_it_can(dtype, atol, monkeypatch):
     assert backend_ops.dense_scale_add(tensors[0], kernel_with_grad, *tensors[2:]) is None
 
 
+@pytest.mark.parametrize("dtype, atol", [("float32", 1e-5), ("bfloat16", 0.05)])
+def test_block_mlp_tiles_the_hidden_map_with_the_plain_numbers_only_where_it_can(dtype, atol, monkeypatch):
+    # 70 rows in tiles of 16: four whole tiles and a ragged last one.
+    x, kernel1, bias1 = _dense_inputs(11, units=24)
+    rng = np.random.default_rng(12)
+    kernel2, bias2 = (rng.standard_normal((24, 6)) * 0.3).astype("float32"), rng.standard_normal(6).astype("float32")
+    gamma, shortcut = rng.uniform(0.5, 1.5, 6).astype("float32"), rng.standard_normal((2, 5, 7, 6)).astype("float32")
+    expected = shortcut + (dense_reference(x, kernel1, bias1, True) @ kernel2 + bias2) * gamma
+    tensors = [keras.ops.convert_to_tensor(v) for v in (x, kernel1, bias1, kernel2, bias2, gamma, shortcut)]
+    tensors[0], tensors[6] = keras.ops.cast(tensors[0], dtype), keras.ops.cast(tensors[6], dtype)
+    fake_hardware(monkeypatch, "cpu", "avx2")
+    if keras.backend.backend() != "torch":
+        assert backend_ops.block_mlp(*tensors) is None  # under jit the compiler schedules the map's memory
+        return
+    import torch
+
+    monkeypatch.setattr(backend_ops, "MLP_TILE_ROWS", 16)
+    with torch.no_grad():
+        out = backend_ops.block_mlp(*tensors)
+        assert out.dtype == tensors[0].dtype and tuple(out.shape) == (2, 5, 7, 6)
+        np.testing.assert_allclose(out.float().numpy(), expected, atol=atol * np.abs(expected).max(), rtol=0)
+        whole = backend_ops.block_mlp_torch(*tensors, rows=10**6)  # one tile: the same sums per row
+        np.testing.assert_allclose(out.float().numpy(), whole.float().numpy(), atol=1e-6 * np.abs(expected).max())
+        assert backend_ops.block_mlp(*tensors[:6], tensors[6][..., :3]) is None  # a shortcut of another shape
+        assert backend_ops.block_mlp(*tensors[:6], keras.ops.cast(tensors[6], "float16")) is None  # or dtype
+        fake_hardware(monkeypatch, "cpu", "avx512")
+        assert backend_ops.block_mlp(*tensors) is None  # oneDNN's form there: its fused tail, not tiles (dispatch)
+    fake_hardware(monkeypatch, "cpu", "avx2")
+    kernel_with_grad = torch.tensor(kernel1, requires_grad=True)
+    assert backend_ops.block_mlp(tensors[0], kernel_with_grad, *tensors[2:]) is None  # a gradient is wanted
+
+
 def test_pointwise_dense_is_dense_with_the_same_numbers_and_config():
     x, kernel, bias = _dense_inputs(3)
     for activation in ("gelu", None, "relu"):  # relu: not fused, Dense's own call

@@ -463,39 +463,51 @@ def scaled_layer_scales(model, seed=4):
 @pytest.mark.parametrize("isa", ["avx512", "avx2"])
 @pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
 def test_block_tails_fused_at_inference_give_the_same_numbers(policy, isa, monkeypatch):
-    # Eager PyTorch inference computes pwconv2 -> layer scale -> add as one op (backend_ops.dense_scale_add)
-    # except on an AVX2-only CPU (the dispatch table); every other backend and every gradient-taking call
-    # runs the steps one by one.
+    # Eager PyTorch inference computes a block's MLP (pwconv1 -> GELU -> pwconv2 -> layer scale -> add) in
+    # tiles of rows on an AVX2-only CPU (backend_ops.block_mlp), and pwconv2 -> layer scale -> add as one
+    # oneDNN op elsewhere (backend_ops.dense_scale_add), as the dispatch table says; every other backend and
+    # every gradient-taking call runs the steps one by one.
     from keras_convnext import backend_ops
 
     fake_hardware(monkeypatch, "cpu", isa)
+    monkeypatch.setattr(backend_ops, "MLP_TILE_ROWS", 64)  # several tiles and a ragged last one per map
 
     keras.config.set_dtype_policy(policy)
     model = tiny(drop_path_rate=0.3, include_top=False, pooling="avg", input_shape=(40, 40, 3))
     scaled_layer_scales(model)
-    calls = []
-    original = backend_ops.dense_scale_add
+    rng = np.random.default_rng(8)
+    for block in (b for stage in model.stages for b in stage.blocks):  # biases that matter (they start at 0)
+        block.pwconv2.bias.assign(rng.normal(0, 0.5, block.pwconv2.bias.shape))
+    calls = {"block_mlp": [], "dense_scale_add": []}
+    for name in calls:
+        original = getattr(backend_ops, name)
 
-    def counted(*args):
-        out = original(*args)
-        calls.append(out is not None)
-        return out
+        def counted(*args, _original=original, _name=name):
+            out = _original(*args)
+            calls[_name].append(out is not None)
+            return out
 
-    monkeypatch.setattr(backend_ops, "dense_scale_add", counted)
-    x = np.random.default_rng(0).integers(0, 256, (3, 40, 40, 3)).astype("uint8")
+        monkeypatch.setattr(backend_ops, name, counted)
+    x = rng.integers(0, 256, (3, 40, 40, 3)).astype("uint8")
     fused = model.predict(x, verbose=0)
-    fused_calls = list(calls)
-    calls.clear()
+    fused_calls = {name: list(c) for name, c in calls.items()}
+    for c in calls.values():
+        c.clear()
     plain = keras.ops.convert_to_numpy(model(x))  # eager, autograd on (PyTorch): step by step
     tolerance = 1e-5 if policy == "float32" else 0.05
     np.testing.assert_allclose(fused, plain, atol=tolerance * np.abs(plain).max(), rtol=0)
+    blocks = sum(TINY["depths"])
     if keras.backend.backend() == "torch":
-        # bfloat16 takes oneDNN only where the CPU has its bfloat16 kernels (backend_ops.onednn_bf16).
-        fuses = isa != "avx2" and (policy == "float32" or backend_ops.onednn_bf16())
-        assert fused_calls == [fuses] * sum(TINY["depths"])
-        assert calls == [False] * sum(TINY["depths"])  # the variables need gradients: the fused op has none
+        if isa == "avx2":  # tiles, in float32 and bfloat16 (torch's addmm runs both everywhere)
+            assert fused_calls == {"block_mlp": [True] * blocks, "dense_scale_add": []}
+        else:  # bfloat16 takes oneDNN only where the CPU has its bfloat16 kernels (backend_ops.onednn_bf16).
+            fuses = policy == "float32" or backend_ops.onednn_bf16()
+            assert fused_calls == {"block_mlp": [False] * blocks, "dense_scale_add": [fuses] * blocks}
+        # The variables need gradients: neither fused op has one.
+        assert calls == {"block_mlp": [False] * blocks, "dense_scale_add": [False] * blocks}
     else:
-        assert not any(fused_calls + calls)  # no fused form there (under jit, as many calls as traces)
+        assert not any(fused_calls["block_mlp"] + fused_calls["dense_scale_add"] + calls["block_mlp"]
+                       + calls["dense_scale_add"])  # no fused form there (under jit, as many calls as traces)
 
 
 def test_fused_tails_give_every_layer_scale_its_gradient():
