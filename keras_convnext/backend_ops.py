@@ -242,12 +242,12 @@ def onednn_bf16():
 def _onednn_linear_ok(x, *params):
     import torch
 
-    # oneDNN's linear (with or without a GELU post-op) has no autograd formula and is not traceable by torch.export or
-    # ONNX export: inference in eager mode only (Keras's predict runs under no_grad).
+    # oneDNN's linear (with or without a GELU post-op) has no autograd formula and is not traceable by torch.export,
+    # ONNX export or torch.jit.trace (Keras's TorchScript ONNX route): eager inference only (predict runs under no_grad).
     return (x.device.type == "cpu"
             and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and onednn_bf16()))
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params)))
-            and not torch.compiler.is_compiling() and torch.backends.mkldnn.is_available()
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing() and torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
@@ -298,7 +298,8 @@ def dense_scale_add_torch(x, kernel, bias, gamma, shortcut):
 
 
 # Rows of a block's map per tile in `block_mlp_torch`: a stage-0 tile's 4C-wide hidden map is 3 MB in
-# float32 (2,048 x 384), a stage-3 one's 25 MB; 1,024-4,096 rows measured alike (docs/performance.md).
+# float32 (2,048 x 384), a stage-3 one's 25 MB; 1,024 and 4,096 rows were within the run-to-run spread of
+# 2,048 (docs/performance.md).
 MLP_TILE_ROWS = 2048
 
 
@@ -312,7 +313,9 @@ def block_mlp_torch(x, kernel1, bias1, kernel2, bias2, gamma, shortcut, rows=Non
     with beta=1), so the process peaks lower and the GELU reads and writes memory that is already mapped.
     The same products as the plain path (the scale folded into pwconv2, as `dense_scaled`), summed in
     another order: float32 results agree to rounding. Eager inference only: concrete CPU tensors none of
-    which needs a gradient, not inside torch.compile or an export trace.
+    which needs a gradient, not inside torch.compile, torch.export or torch.jit.trace (whose graph would
+    hold the traced batch's tile count). Taken for V1 blocks with a layer scale (`ConvNeXtBlock`): a V2
+    block's GRN needs each sample's whole hidden map.
     """
     import torch
     import torch.nn.functional as F
@@ -320,15 +323,16 @@ def block_mlp_torch(x, kernel1, bias1, kernel2, bias2, gamma, shortcut, rows=Non
 
     kernel1, bias1, kernel2, bias2, gamma = (ops.convert_to_tensor(v) for v in (kernel1, bias1, kernel2, bias2, gamma))
     flat = x.reshape(-1, x.shape[-1])
-    if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or shortcut.dtype != x.dtype
-            or tuple(shortcut.shape) != (*x.shape[:-1], kernel2.shape[-1]) or torch.compiler.is_compiling()
+    # float32 only: measured there; bfloat16 on an AVX2 CPU (no bfloat16 arithmetic) was not.
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or shortcut.dtype != x.dtype
+            or tuple(shortcut.shape) != (*x.shape[:-1], kernel2.shape[-1])
+            or torch.compiler.is_compiling() or torch.jit.is_tracing()  # a trace would fix the tile count
             or (torch.is_grad_enabled() and any(t.requires_grad for t in (x, kernel1, bias1, kernel2, bias2, gamma,
                                                                             shortcut)))):
         return None
     rows = rows or MLP_TILE_ROWS
-    kernel1, bias1 = kernel1.to(x.dtype), bias1.to(x.dtype)
-    gamma = gamma.float()
-    kernel2, bias2 = (kernel2.float() * gamma).to(x.dtype), (bias2.float() * gamma).to(x.dtype)
+    kernel1, bias1, kernel2, bias2 = (t.float() for t in (kernel1, bias1, kernel2, bias2))
+    kernel2, bias2 = kernel2 * gamma.float(), bias2 * gamma.float()
     residual = shortcut.reshape(flat.shape[0], -1)
     out = torch.empty_like(residual)
     for start in range(0, flat.shape[0], rows):

@@ -323,7 +323,7 @@ class ConvNeXtBlock(keras.layers.Layer):
     A layer, as the official code's `Block`: its intermediates live only during its `call`. Its
     sublayers and variable are named as the official keys (`dwconv`, `norm`, `pwconv1`, `pwconv2`,
     `gamma`; `names.py`). At inference on PyTorch, with concrete tensors none of which needs a
-    gradient, the MLP and the tail run in tiles of rows on an AVX2-only CPU (`backend_ops.block_mlp`: the
+    gradient, the MLP and the tail run in tiles of rows on an AVX2-only CPU in float32 (`backend_ops.block_mlp`: the
     4C-wide hidden map never whole) and the last three steps as one oneDNN GEMM on other CPUs
     (`PointwiseDense.scale_add`); otherwise the layer scale is folded into pwconv2's kernel and bias on a
     CPU (`PointwiseDense.scaled`), and the residual added: the same numbers.
