@@ -239,16 +239,26 @@ def onednn_bf16():
     return bool(check is not None and torch.backends.mkldnn.is_available() and check())
 
 
+def _eager_cpu_inference(x, *params):
+    """Concrete CPU tensors none of which needs a gradient, outside torch.compile, torch.export and torch.jit.trace.
+
+    Where the torch inference forms run: they have no autograd formula, and a trace (Keras's TorchScript ONNX
+    route among them) would fix what they decide per call (oneDNN's primitive, the tile count) in its graph.
+    """
+    import torch
+
+    return (x.device.type == "cpu"
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params)))
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing())
+
+
 def _onednn_linear_ok(x, *params):
     import torch
 
-    # oneDNN's linear (with or without a GELU post-op) has no autograd formula and is not traceable by torch.export,
-    # ONNX export or torch.jit.trace (Keras's TorchScript ONNX route): eager inference only (predict runs under no_grad).
-    return (x.device.type == "cpu"
+    # oneDNN's linear (with or without a GELU post-op): eager inference only (Keras's predict runs under no_grad).
+    return (_eager_cpu_inference(x, *params)
             and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and onednn_bf16()))
-            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params)))
-            and not torch.compiler.is_compiling() and not torch.jit.is_tracing() and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
 def dense_torch(x, kernel, bias, gelu, onednn=True):
@@ -321,18 +331,17 @@ def block_mlp_torch(x, kernel1, bias1, kernel2, bias2, gamma, shortcut, rows=Non
     import torch.nn.functional as F
     from keras import ops
 
-    kernel1, bias1, kernel2, bias2, gamma = (ops.convert_to_tensor(v) for v in (kernel1, bias1, kernel2, bias2, gamma))
-    flat = x.reshape(-1, x.shape[-1])
-    # float32 only: measured there; bfloat16 on an AVX2 CPU (no bfloat16 arithmetic) was not.
-    if (x.device.type != "cpu" or x.dtype != torch.float32 or shortcut.dtype != x.dtype
-            or tuple(shortcut.shape) != (*x.shape[:-1], kernel2.shape[-1])
-            or torch.compiler.is_compiling() or torch.jit.is_tracing()  # a trace would fix the tile count
-            or (torch.is_grad_enabled() and any(t.requires_grad for t in (x, kernel1, bias1, kernel2, bias2, gamma,
-                                                                            shortcut)))):
+    params = [ops.convert_to_tensor(v) for v in (kernel1, bias1, kernel2, bias2, gamma)]
+    # float32 only (x, shortcut and so the variables): measured there; bfloat16 on an AVX2 CPU (no bfloat16
+    # arithmetic) was not.
+    if (x.dtype != torch.float32 or shortcut.dtype != x.dtype or any(p.dtype != x.dtype for p in params)
+            or tuple(shortcut.shape) != (*x.shape[:-1], params[2].shape[-1])
+            or not _eager_cpu_inference(x, shortcut, *params)):
         return None
+    kernel1, bias1, kernel2, bias2, gamma = params
+    kernel2, bias2 = kernel2 * gamma, bias2 * gamma
     rows = rows or MLP_TILE_ROWS
-    kernel1, bias1, kernel2, bias2 = (t.float() for t in (kernel1, bias1, kernel2, bias2))
-    kernel2, bias2 = kernel2 * gamma.float(), bias2 * gamma.float()
+    flat = x.reshape(-1, x.shape[-1])
     residual = shortcut.reshape(flat.shape[0], -1)
     out = torch.empty_like(residual)
     for start in range(0, flat.shape[0], rows):

@@ -391,8 +391,9 @@ class ConvNeXtBlock(keras.layers.Layer):
         block's output is zeroed at the end.
         """
         x = self.norm(self.dwconv(inputs))
-        if keep is None and self.gamma is not None and not (training and self.drop_path is not None):
-            # (a frozen block in training still drops its path)
+        # The fused inference forms: a layer scale, and no path to drop (a frozen block in training still drops it).
+        fusable = self.gamma is not None and not (training and self.drop_path is not None)
+        if keep is None and fusable:
             tiled = self._mlp_tiled(x, inputs)
             if tiled is not None:
                 return tiled
@@ -407,8 +408,7 @@ class ConvNeXtBlock(keras.layers.Layer):
             return (inputs + x) * keep
         if self.grn_layer is not None:
             x = self.grn_layer(x)
-        if self.gamma is not None and not (training and self.drop_path is not None):
-            # (with no gradient needed anywhere in the block; a frozen block in training still drops its path)
+        if fusable:  # (with no gradient needed anywhere in the block)
             fused = self.pwconv2.scale_add(x, self.gamma, inputs)
             if fused is not None:
                 return fused
