@@ -441,6 +441,55 @@ def dense_scaled(x, kernel, bias, gamma):
                                     False)
 
 
+# A block's MLP with only pwconv1's output kept for the backward pass.
+
+
+def _fold(kernel, bias, gamma, dtype):
+    """pwconv2's kernel and bias with the layer scale folded in (float32 products), or unchanged plus the scale
+    to multiply the output by: float16, where a kernel times ConvNeXt's initial scale of 1e-6 is below range."""
+    from keras import ops
+
+    if gamma is None:
+        return kernel, bias, None
+    if keras.backend.standardize_dtype(dtype) == "float16":
+        return kernel, bias, gamma
+    gamma = ops.cast(gamma, "float32")
+    return ops.cast(kernel, "float32") * gamma, ops.cast(bias, "float32") * gamma, None
+
+
+def mlp_jax(x, kernel1, bias1, kernel2, bias2, gamma):
+    # Autodiff keeps GELU's output for pwconv2's kernel gradient beside GELU's input for its own: two
+    # 4C-wide maps per block. Rematerialised together (jax.checkpoint), GELU and pwconv2 keep only their
+    # input, and the backward pass recomputes the GELU from it, erf being recomputed there already
+    # (`dense_jax`).
+    import jax
+    from keras import ops
+
+    kernel2, bias2, scale = _fold(kernel2, bias2, gamma, x.dtype)
+    kernel2, bias2 = ops.convert_to_tensor(kernel2), ops.convert_to_tensor(bias2)  # arrays, not Keras variables
+    hidden = dense_jax(x, kernel1, bias1, False)
+    y = jax.checkpoint(lambda h, k, b: dense_jax(_exact_gelu(h), k, b, False))(hidden, kernel2, bias2)
+    return y if scale is None else y * ops.cast(scale, y.dtype)
+
+
+# Keyed by the dispatched dense form. On JAX the rematerialised MLP keeps a 4C-wide map less per block
+# (ConvNeXt-T float32 training at batch 16: 437 MB off the peak; docs/performance.md). TensorFlow's
+# form of the same (a tf.custom_gradient over GELU -> pwconv2) was measured and dropped: the peak did not
+# fall and the step was slower, so TensorFlow keeps `dense_tensorflow` step by step. Eager torch and
+# Keras's own form (accelerators) run the MLP step by step too.
+MLP_REMAT_FORMULATIONS = {"jax": mlp_jax}
+
+
+def mlp(x, kernel1, bias1, kernel2, bias2, gamma=None):
+    """(gelu(x @ kernel1 + bias1) @ kernel2 + bias2) * gamma, keeping only the hidden map for the gradient; or None.
+
+    The same numbers as pwconv1 (with its GELU), pwconv2 and the layer scale step by step (the scale folded
+    into pwconv2 as `dense_scaled`); None where the dispatched dense form has no such form.
+    """
+    form = MLP_REMAT_FORMULATIONS.get(forms_here(x.dtype)["dense"])
+    return form(x, kernel1, bias1, kernel2, bias2, gamma) if form else None
+
+
 # A block's tail fused: only where a backend has a fused form (eager PyTorch inference); under
 # jit (JAX, tf.function) the compiler fuses the elementwise steps itself.
 SCALE_ADD_FORMULATIONS = {"torch": dense_scale_add_torch}

@@ -325,8 +325,9 @@ class ConvNeXtBlock(keras.layers.Layer):
     `gamma`; `names.py`). At inference on PyTorch, with concrete tensors none of which needs a
     gradient, the MLP and the tail run in tiles of rows on an AVX2-only CPU in float32 (`backend_ops.block_mlp`: the
     4C-wide hidden map never whole) and the last three steps as one oneDNN GEMM on other CPUs
-    (`PointwiseDense.scale_add`); otherwise the layer scale is folded into pwconv2's kernel and bias on a
-    CPU (`PointwiseDense.scaled`), and the residual added: the same numbers.
+    (`PointwiseDense.scale_add`). On JAX's CPU form, GELU and pwconv2 are rematerialised together
+    (`backend_ops.mlp`), so the gradient keeps one 4C-wide map per block. Otherwise the layer scale is folded
+    into pwconv2's kernel and bias on a CPU (`PointwiseDense.scaled`), and the residual added: the same numbers.
 
     Args:
         dim: channels in and out.
@@ -393,10 +394,19 @@ class ConvNeXtBlock(keras.layers.Layer):
         x = self.norm(self.dwconv(inputs))
         # The fused inference forms: a layer scale, and no path to drop (a frozen block in training still drops it).
         fusable = self.gamma is not None and not (training and self.drop_path is not None)
-        if keep is None and fusable:
-            tiled = self._mlp_tiled(x, inputs)
+        plain = keep is None and self._plain_mlp(x)
+        if plain and fusable:
+            tiled = backend_ops.block_mlp(x, self.pwconv1.kernel, self.pwconv1.bias, self.pwconv2.kernel,
+                                          self.pwconv2.bias, self.gamma, inputs)
             if tiled is not None:
                 return tiled
+        if plain:
+            y = backend_ops.mlp(x, self.pwconv1.kernel, self.pwconv1.bias, self.pwconv2.kernel, self.pwconv2.bias,
+                                self.gamma)
+            if y is not None:
+                if self.drop_path is not None:
+                    y = self.drop_path(y, training=training)
+                return inputs + y
         x = self.pwconv1(x)
         if keep is not None:
             keep = ops.cast(keep, x.dtype)
@@ -417,16 +427,12 @@ class ConvNeXtBlock(keras.layers.Layer):
             x = self.drop_path(x, training=training)
         return inputs + x
 
-    def _mlp_tiled(self, x, inputs):
-        """pwconv1 -> GELU -> pwconv2 -> scale -> + inputs in tiles of rows (`backend_ops.block_mlp`), or None."""
-        plain = (self.pwconv1._plain() and self.pwconv2._plain() and self.grn_layer is None
-                 and self.pwconv1.activation is keras.activations.gelu
-                 and self.pwconv2.activation is keras.activations.linear
-                 and keras.backend.standardize_dtype(x.dtype) == self.compute_dtype)
-        if not plain:
-            return None
-        return backend_ops.block_mlp(x, self.pwconv1.kernel, self.pwconv1.bias, self.pwconv2.kernel,
-                                     self.pwconv2.bias, self.gamma, inputs)
+    def _plain_mlp(self, x):
+        """pwconv1 with its GELU, then pwconv2, both plain Dense maths (`PointwiseDense._plain`), no GRN between."""
+        return (self.pwconv1._plain() and self.pwconv2._plain() and self.grn_layer is None
+                and self.pwconv1.activation is keras.activations.gelu
+                and self.pwconv2.activation is keras.activations.linear
+                and keras.backend.standardize_dtype(x.dtype) == self.compute_dtype)
 
     def _pwconv2_scaled(self, x):
         """pwconv2, then the layer scale: folded into pwconv2's kernel where it can be (`PointwiseDense.scaled`)."""

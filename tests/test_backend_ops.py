@@ -315,6 +315,95 @@ def test_block_mlp_tiles_the_hidden_map_with_the_plain_numbers_only_where_it_can
     assert taken == [False]
 
 
+def _gradients_of_all(op, inputs, upstream):
+    """d(sum(upstream * op(*inputs))) / d(each input), float32 NumPy arrays (JAX)."""
+    import jax
+
+    grads = jax.grad(lambda *a: (op(*a) * upstream).sum(), argnums=range(len(inputs)))(*inputs)
+    return [np.asarray(g) for g in grads]
+
+
+def _mlp_inputs(seed=13):
+    x, kernel1, bias1 = _dense_inputs(seed, units=24)
+    rng = np.random.default_rng(seed + 1)
+    return (x, kernel1, bias1, (rng.standard_normal((24, 6)) * 0.3).astype("float32"),
+            rng.standard_normal(6).astype("float32"), rng.uniform(0.5, 1.5, 6).astype("float32"))
+
+
+def _mlp_reference(x, kernel1, bias1, kernel2, bias2, gamma, upstream):
+    """The MLP's value and its gradients for (x, kernel1, bias1, kernel2, bias2, gamma), in float64."""
+    h = x.astype("float64") @ kernel1 + bias1
+    cdf, pdf = 0.5 * (1 + erf(h / np.sqrt(2))), np.exp(-h * h / 2) / np.sqrt(2 * np.pi)
+    g = h * cdf
+    y = g @ kernel2 + bias2
+    dy = upstream * gamma
+    dh = (dy @ kernel2.T) * (cdf + h * pdf)
+    flat = lambda a: a.reshape(-1, a.shape[-1])  # noqa: E731
+    grads = (dh @ kernel1.T, flat(x).T @ flat(dh), dh.sum((0, 1, 2)), flat(g).T @ flat(dy), dy.sum((0, 1, 2)),
+             (upstream * y).sum((0, 1, 2)))
+    return y * gamma, grads
+
+
+NAMES = ("x", "kernel1", "bias1", "kernel2", "bias2", "gamma")
+
+
+@pytest.mark.parametrize("isa", ["avx2", "amx"])
+def test_the_mlp_keeps_one_hidden_map_for_its_gradient_with_the_plain_numbers(isa, monkeypatch, capsys):
+    # backend_ops.mlp: GELU and pwconv2 rematerialised together on JAX's CPU form, on every CPU kind; TensorFlow
+    # (where it kept no less), eager torch and accelerators run the block's MLP step by step (None).
+    fake_hardware(monkeypatch, "cpu", isa)
+    inputs = _mlp_inputs()
+    upstream = np.random.default_rng(15).standard_normal((2, 5, 7, 6)).astype("float32")
+    expected, expected_grads = _mlp_reference(*inputs, upstream)
+    backend = keras.backend.backend()
+    tensors = [keras.ops.convert_to_tensor(v) for v in inputs]
+    if backend != "jax":
+        assert backend_ops.mlp(*tensors) is None
+        return
+    out = backend_ops.mlp(*tensors)
+    assert keras.backend.standardize_dtype(out.dtype) == "float32" and tuple(out.shape) == (2, 5, 7, 6)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(out), expected, atol=1e-5 * np.abs(expected).max(), rtol=0)
+    for name, e, g in zip(NAMES, expected_grads, _gradients_of_all(backend_ops.mlp, inputs, upstream)):
+        np.testing.assert_allclose(g, e, atol=1e-5 * np.abs(e).max(), rtol=0, err_msg=name)
+    # No layer scale (a V1 model built with layer_scale_init_value=0): pwconv2's output itself.
+    no_scale = keras.ops.convert_to_numpy(backend_ops.mlp(*tensors[:5]))
+    np.testing.assert_allclose(no_scale, expected / inputs[5], atol=1e-5 * np.abs(expected).max(), rtol=0)
+    fake_hardware(monkeypatch, "gpu", "other")
+    assert backend_ops.mlp(*tensors) is None  # Keras's own ops there
+    # What the gradient keeps: of the 4C-wide maps, pwconv1's output alone.
+    import jax
+
+    fake_hardware(monkeypatch, "cpu", isa)
+    capsys.readouterr()
+    jax.ad_checkpoint.print_saved_residuals(lambda *a: backend_ops.mlp(*a).sum(), *tensors)
+    kept = capsys.readouterr().out.splitlines()
+    maps = [line.split()[0] for line in kept if line.split()[0].count(",") == 3]  # 4-D residuals
+    assert [m for m in maps if m.endswith(",24]")] == ["f32[2,5,7,24]"], kept
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_the_mlp_in_mixed_precision_stays_within_half_precision_rounding(dtype, monkeypatch):
+    # The layer scale folds into pwconv2 in bfloat16 and multiplies the output in float16 (backend_ops._fold).
+    fake_hardware(monkeypatch, "cpu", "avx2")
+    inputs = _mlp_inputs(17)
+    upstream = np.random.default_rng(18).standard_normal((2, 5, 7, 6)).astype("float32")
+    expected, expected_grads = _mlp_reference(*inputs, upstream)
+
+    def op(x, *variables):
+        out = backend_ops.mlp(keras.ops.cast(x, dtype), *variables)
+        assert keras.backend.standardize_dtype(out.dtype) == dtype
+        return keras.ops.cast(out, "float32")
+
+    if keras.backend.backend() != "jax":
+        assert backend_ops.mlp(keras.ops.cast(inputs[0], dtype), *inputs[1:]) is None
+        return
+    out = keras.ops.convert_to_numpy(op(*(keras.ops.convert_to_tensor(v) for v in inputs)))
+    np.testing.assert_allclose(out, expected, atol=0.03 * np.abs(expected).max(), rtol=0.03)
+    for name, e, g in zip(NAMES, expected_grads, _gradients_of_all(op, inputs, upstream)):
+        assert g.dtype == np.float32, name
+        np.testing.assert_allclose(g, e, atol=0.03 * np.abs(e).max(), rtol=0.03, err_msg=name)
+
+
 def test_pointwise_dense_is_dense_with_the_same_numbers_and_config():
     x, kernel, bias = _dense_inputs(3)
     for activation in ("gelu", None, "relu"):  # relu: not fused, Dense's own call
