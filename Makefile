@@ -26,11 +26,16 @@ demo: venv
 TESTS ?= tests
 PYTEST_ARGS ?=
 MARKS ?= -m "not slow"
+# JAX's run, the longest (XLA compiling each test's models, one core at a time), is split between
+# JAX_WORKERS pytest-xdist processes, whole files to a worker; the shared compilation cache and XLA flags
+# are set by tests/conftest.py in the parent before the workers start. JAX_WORKERS=1 runs it in one process.
+JAX_WORKERS ?= 2
 test: venv
 	@mkdir -p .test-logs; \
 	for b in $(BACKENDS); do \
 		echo "=== KERAS_BACKEND=$$b started $$(date +%T)"; \
-		( KERAS_BACKEND=$$b $(VENV)/bin/python -m pytest -q -p no:cacheprovider --durations=20 $(MARKS) $(PYTEST_ARGS) $(TESTS) > .test-logs/$$b.log 2>&1; \
+		shards=""; [ $$b = jax ] && [ $(JAX_WORKERS) -gt 1 ] && shards="-n $(JAX_WORKERS) --dist loadfile"; \
+		( KERAS_BACKEND=$$b $(VENV)/bin/python -m pytest -q -p no:cacheprovider --durations=20 $$shards $(MARKS) $(PYTEST_ARGS) $(TESTS) > .test-logs/$$b.log 2>&1; \
 		  echo $$? > .test-logs/$$b.rc; echo "=== KERAS_BACKEND=$$b finished $$(date +%T)" ) & \
 	done; \
 	wait; status=0; \
