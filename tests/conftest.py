@@ -34,7 +34,7 @@ TINY = dict(depths=(1, 1, 2, 1), dims=(8, 16, 24, 32))
 
 # Tests whose work does not depend on this process's backend (their child processes choose their own
 # backends, or the behaviour is the same Python whatever the backend) run in one backend's run only:
-# torch's, which `make test` ends first (docs/testing.md has the figures).
+# torch's, not the longest of `make test`'s three runs (docs/testing.md has the figures).
 ONCE_BACKEND = "torch"
 once = pytest.mark.skipif(keras.backend.backend() != ONCE_BACKEND,
                           reason=f"independent of this process's backend: checked once, on {ONCE_BACKEND}")
