@@ -325,8 +325,8 @@ class ConvNeXtBlock(keras.layers.Layer):
     `gamma`; `names.py`). At inference on PyTorch, with concrete tensors none of which needs a
     gradient, the MLP and the tail run in tiles of rows on an AVX2-only CPU in float32 (`backend_ops.block_mlp`: the
     4C-wide hidden map never whole) and the last three steps as one oneDNN GEMM on other CPUs
-    (`PointwiseDense.scale_add`). On JAX's CPU form, GELU and pwconv2 are rematerialised together
-    (`backend_ops.mlp`), so the gradient keeps one 4C-wide map per block. Otherwise the layer scale is folded
+    (`PointwiseDense.scale_add`). On JAX's and TensorFlow's CPU forms, GELU and pwconv2 are
+    rematerialised together (`backend_ops.mlp`), so the gradient keeps one 4C-wide map per block. Otherwise the layer scale is folded
     into pwconv2's kernel and bias on a CPU (`PointwiseDense.scaled`), and the residual added: the same numbers.
 
     Args:

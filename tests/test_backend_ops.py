@@ -316,11 +316,18 @@ def test_block_mlp_tiles_the_hidden_map_with_the_plain_numbers_only_where_it_can
 
 
 def _gradients_of_all(op, inputs, upstream):
-    """d(sum(upstream * op(*inputs))) / d(each input), float32 NumPy arrays (JAX)."""
-    import jax
+    """d(sum(upstream * op(*inputs))) / d(each input), float32 NumPy arrays (JAX or TensorFlow)."""
+    if keras.backend.backend() == "jax":
+        import jax
 
-    grads = jax.grad(lambda *a: (op(*a) * upstream).sum(), argnums=range(len(inputs)))(*inputs)
-    return [np.asarray(g) for g in grads]
+        grads = jax.grad(lambda *a: (op(*a) * upstream).sum(), argnums=range(len(inputs)))(*inputs)
+        return [np.asarray(g) for g in grads]
+    import tensorflow as tf
+
+    tensors = [tf.Variable(v) for v in inputs]
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(op(*tensors) * upstream)
+    return [g.numpy() for g in tape.gradient(loss, tensors)]
 
 
 def _mlp_inputs(seed=13):
@@ -349,15 +356,15 @@ NAMES = ("x", "kernel1", "bias1", "kernel2", "bias2", "gamma")
 
 @pytest.mark.parametrize("isa", ["avx2", "amx"])
 def test_the_mlp_keeps_one_hidden_map_for_its_gradient_with_the_plain_numbers(isa, monkeypatch, capsys):
-    # backend_ops.mlp: GELU and pwconv2 rematerialised together on JAX's CPU form, on every CPU kind; TensorFlow
-    # (where it kept no less), eager torch and accelerators run the block's MLP step by step (None).
+    # backend_ops.mlp: GELU and pwconv2 rematerialised together on JAX's and TensorFlow's CPU forms, on every CPU
+    # kind; eager torch and accelerators run the block's MLP step by step (None).
     fake_hardware(monkeypatch, "cpu", isa)
     inputs = _mlp_inputs()
     upstream = np.random.default_rng(15).standard_normal((2, 5, 7, 6)).astype("float32")
     expected, expected_grads = _mlp_reference(*inputs, upstream)
     backend = keras.backend.backend()
     tensors = [keras.ops.convert_to_tensor(v) for v in inputs]
-    if backend != "jax":
+    if backend == "torch":
         assert backend_ops.mlp(*tensors) is None
         return
     out = backend_ops.mlp(*tensors)
@@ -370,15 +377,43 @@ def test_the_mlp_keeps_one_hidden_map_for_its_gradient_with_the_plain_numbers(is
     np.testing.assert_allclose(no_scale, expected / inputs[5], atol=1e-5 * np.abs(expected).max(), rtol=0)
     fake_hardware(monkeypatch, "gpu", "other")
     assert backend_ops.mlp(*tensors) is None  # Keras's own ops there
+    fake_hardware(monkeypatch, "cpu", isa)
+    if backend == "tensorflow":  # under tf.function too, where the gradient's graph is built with the step's
+        tf_checks_of_the_mlp_in_a_graph(inputs, upstream, expected_grads)
+        return
     # What the gradient keeps: of the 4C-wide maps, pwconv1's output alone.
     import jax
 
-    fake_hardware(monkeypatch, "cpu", isa)
     capsys.readouterr()
     jax.ad_checkpoint.print_saved_residuals(lambda *a: backend_ops.mlp(*a).sum(), *tensors)
     kept = capsys.readouterr().out.splitlines()
     maps = [line.split()[0] for line in kept if line.split()[0].count(",") == 3]  # 4-D residuals
     assert [m for m in maps if m.endswith(",24]")] == ["f32[2,5,7,24]"], kept
+
+
+def tf_checks_of_the_mlp_in_a_graph(inputs, upstream, expected_grads):
+    """TensorFlow: the gradient inside one tf.function, and its recomputation ordered after the upstream gradient."""
+    import tensorflow as tf
+
+    variables = [tf.Variable(v) for v in inputs]
+
+    @tf.function
+    def step():
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(backend_ops.mlp(*variables) * upstream)
+        return tape.gradient(loss, variables)
+
+    for name, e, g in zip(NAMES, expected_grads, step()):
+        np.testing.assert_allclose(g.numpy(), e, atol=1e-5 * np.abs(e).max(), rtol=0, err_msg=name)
+    # The erf of the recomputation reads an Identity of h that has a control input (the upstream gradient):
+    # TensorFlow would otherwise run it, and keep its maps, during the forward pass (whose GELU is one Gelu op).
+    graph = step.get_concrete_function().graph
+    erfs = [op for op in graph.get_operations() if op.type == "Erf"]
+
+    def late(erf):
+        return any(t.op.type == "Identity" and t.op.control_inputs for t in erf.inputs[0].op.inputs)
+
+    assert erfs and all(late(op) for op in erfs), [(op.name, [t.op.type for t in op.inputs]) for op in erfs]
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -394,7 +429,7 @@ def test_the_mlp_in_mixed_precision_stays_within_half_precision_rounding(dtype, 
         assert keras.backend.standardize_dtype(out.dtype) == dtype
         return keras.ops.cast(out, "float32")
 
-    if keras.backend.backend() != "jax":
+    if keras.backend.backend() == "torch":
         assert backend_ops.mlp(keras.ops.cast(inputs[0], dtype), *inputs[1:]) is None
         return
     out = keras.ops.convert_to_numpy(op(*(keras.ops.convert_to_tensor(v) for v in inputs)))
