@@ -445,8 +445,9 @@ def dense_scaled(x, kernel, bias, gamma):
 
 
 def _fold(kernel, bias, gamma, dtype):
-    """pwconv2's kernel and bias with the layer scale folded in (float32 products), or unchanged plus the scale
-    to multiply the output by: float16, where a kernel times ConvNeXt's initial scale of 1e-6 is below range."""
+    """pwconv2's kernel and bias with the layer scale folded in (products in float32, of the values as read:
+    under a mixed policy Keras reads the variables already cast to the compute dtype), or unchanged plus the
+    scale to multiply the output by: float16, where a kernel times ConvNeXt's initial 1e-6 is below range."""
     from keras import ops
 
     if gamma is None:

@@ -326,8 +326,9 @@ class ConvNeXtBlock(keras.layers.Layer):
     gradient, the MLP and the tail run in tiles of rows on an AVX2-only CPU in float32 (`backend_ops.block_mlp`: the
     4C-wide hidden map never whole) and the last three steps as one oneDNN GEMM on other CPUs
     (`PointwiseDense.scale_add`). On JAX's and TensorFlow's CPU forms, GELU and pwconv2 are
-    rematerialised together (`backend_ops.mlp`), so the gradient keeps one 4C-wide map per block. Otherwise the layer scale is folded
-    into pwconv2's kernel and bias on a CPU (`PointwiseDense.scaled`), and the residual added: the same numbers.
+    rematerialised together (`backend_ops.mlp`), so the gradient keeps one 4C-wide map per block.
+    Otherwise the layer scale is folded into pwconv2's kernel and bias on a CPU (`PointwiseDense.scaled`),
+    and the residual added: the same numbers.
 
     Args:
         dim: channels in and out.
@@ -428,8 +429,12 @@ class ConvNeXtBlock(keras.layers.Layer):
         return inputs + x
 
     def _plain_mlp(self, x):
-        """pwconv1 with its GELU, then pwconv2, both plain Dense maths (`PointwiseDense._plain`), no GRN between."""
-        return (self.pwconv1._plain() and self.pwconv2._plain() and self.grn_layer is None
+        """pwconv1 with its GELU, then pwconv2, both plain Dense maths (`PointwiseDense._plain`), no GRN between.
+
+        Only PointwiseDense's own `call`: a layer put in their place, or a subclass with a `call` of its own,
+        runs as itself."""
+        own = all(type(layer).call is PointwiseDense.call for layer in (self.pwconv1, self.pwconv2))
+        return (own and self.pwconv1._plain() and self.pwconv2._plain() and self.grn_layer is None
                 and self.pwconv1.activation is keras.activations.gelu
                 and self.pwconv2.activation is keras.activations.linear
                 and keras.backend.standardize_dtype(x.dtype) == self.compute_dtype)

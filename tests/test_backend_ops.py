@@ -406,7 +406,7 @@ def tf_checks_of_the_mlp_in_a_graph(inputs, upstream, expected_grads):
     for name, e, g in zip(NAMES, expected_grads, step()):
         np.testing.assert_allclose(g.numpy(), e, atol=1e-5 * np.abs(e).max(), rtol=0, err_msg=name)
     # The erf of the recomputation reads an Identity of h that has a control input (the upstream gradient):
-    # TensorFlow would otherwise run it, and keep its maps, during the forward pass (whose GELU is one Gelu op).
+    # TensorFlow would otherwise run it, and keep its maps, during the forward pass (whose GELU is built on Erfc).
     graph = step.get_concrete_function().graph
     erfs = [op for op in graph.get_operations() if op.type == "Erf"]
 
@@ -437,6 +437,16 @@ def test_the_mlp_in_mixed_precision_stays_within_half_precision_rounding(dtype, 
     for name, e, g in zip(NAMES, expected_grads, _gradients_of_all(op, inputs, upstream)):
         assert g.dtype == np.float32, name
         np.testing.assert_allclose(g, e, atol=0.03 * np.abs(e).max(), rtol=0.03, err_msg=name)
+    # Where the scale goes: ConvNeXt's initial 1e-6 times a kernel would be subnormal in float16, so there it
+    # multiplies the output; in bfloat16 (float32's range) it is folded into the kernel and bias.
+    kernel, bias, gamma = inputs[3], inputs[4], np.full(6, 1e-6, "float32")
+    folded_kernel, folded_bias, scale = backend_ops._fold(kernel, bias, gamma, dtype)
+    if dtype == "float16":
+        assert scale is gamma and folded_kernel is kernel and folded_bias is bias
+    else:
+        assert scale is None
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(folded_kernel), kernel * 1e-6, rtol=1e-6)
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(folded_bias), bias * 1e-6, rtol=1e-6)
 
 
 def test_pointwise_dense_is_dense_with_the_same_numbers_and_config():
