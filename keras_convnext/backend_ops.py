@@ -431,14 +431,13 @@ def dense_scaled(x, kernel, bias, gamma):
     CPU dense forms fold; Keras's own (accelerators: not measured there) and float16 do not (the product of a
     kernel and ConvNeXt's initial scale of 1e-6 is below float16's range).
     """
-    from keras import ops
-
     form = forms_here(x.dtype)["dense"]
-    if form == "keras" or keras.backend.standardize_dtype(x.dtype) == "float16":
+    if form == "keras":
         return None
-    gamma = ops.cast(gamma, "float32")  # the fold in float32; the form casts the folded kernel to x's dtype
-    return DENSE_FORMULATIONS[form](x, ops.cast(kernel, "float32") * gamma, ops.cast(bias, "float32") * gamma,
-                                    False)
+    kernel, bias, scale = _fold(kernel, bias, gamma, x.dtype)
+    if scale is not None:
+        return None
+    return DENSE_FORMULATIONS[form](x, kernel, bias, False)  # the form casts the folded kernel to x's dtype
 
 
 # A block's MLP with only pwconv1's output kept for the backward pass.

@@ -211,6 +211,11 @@ class PointwiseDense(keras.layers.Dense):
         """Bias, no LoRA, no quantization: the kernel and bias are all there is to it."""
         return self.bias is not None and not self.lora_enabled and self.quantization_mode is None
 
+    def _fusable(self):
+        """Plain, and this class's own call: a subclass with a call of its own (the block's fused forms would
+        skip it) runs as itself."""
+        return self._plain() and type(self).call is PointwiseDense.call
+
     def call(self, inputs, training=None):
         gelu = self.activation is keras.activations.gelu
         if not self._plain() or not (gelu or self.activation is keras.activations.linear):
@@ -220,7 +225,7 @@ class PointwiseDense(keras.layers.Dense):
     def scaled(self, inputs, gamma):
         """`self(inputs) * gamma` with the per-channel scale folded into the kernel and bias, or None where
         the layer is not plain or the backend's form does not fold (`backend_ops.dense_scaled`)."""
-        if (not self._plain() or self.activation is not keras.activations.linear
+        if (not self._fusable() or self.activation is not keras.activations.linear
                 or keras.backend.standardize_dtype(inputs.dtype) != self.compute_dtype):
             return None
         return backend_ops.dense_scaled(inputs, self.kernel, self.bias, gamma)
@@ -231,7 +236,7 @@ class PointwiseDense(keras.layers.Dense):
         `ConvNeXtBlock` uses it for its pwconv2 -> layer scale -> residual add at inference; the
         backend form runs only on concrete tensors none of which needs a gradient.
         """
-        if (not self._plain() or self.activation is not keras.activations.linear
+        if (not self._fusable() or self.activation is not keras.activations.linear
                 or keras.backend.standardize_dtype(inputs.dtype) != self.compute_dtype):
             return None
         return backend_ops.dense_scale_add(inputs, self.kernel, self.bias, gamma, shortcut)
@@ -420,7 +425,7 @@ class ConvNeXtBlock(keras.layers.Layer):
         if self.grn_layer is not None:
             x = self.grn_layer(x)
         if fusable:  # (with no gradient needed anywhere in the block)
-            fused = self.pwconv2.scale_add(x, self.gamma, inputs)
+            fused = self.pwconv2.scale_add(x, self.gamma, inputs) if isinstance(self.pwconv2, PointwiseDense) else None
             if fused is not None:
                 return fused
         x = self._pwconv2_scaled(x)
@@ -429,12 +434,11 @@ class ConvNeXtBlock(keras.layers.Layer):
         return inputs + x
 
     def _plain_mlp(self, x):
-        """pwconv1 with its GELU, then pwconv2, both plain Dense maths (`PointwiseDense._plain`), no GRN between.
-
-        Only PointwiseDense's own `call`: a layer put in their place, or a subclass with a `call` of its own,
-        runs as itself."""
-        own = all(type(layer).call is PointwiseDense.call for layer in (self.pwconv1, self.pwconv2))
-        return (own and self.pwconv1._plain() and self.pwconv2._plain() and self.grn_layer is None
+        """pwconv1 with its GELU, then pwconv2, both plain Dense maths in PointwiseDense's own call
+        (`PointwiseDense._fusable`: a layer put in their place, or a subclass with a call of its own, runs as
+        itself), no GRN between."""
+        own = all(isinstance(layer, PointwiseDense) for layer in (self.pwconv1, self.pwconv2))
+        return (own and self.pwconv1._fusable() and self.pwconv2._fusable() and self.grn_layer is None
                 and self.pwconv1.activation is keras.activations.gelu
                 and self.pwconv2.activation is keras.activations.linear
                 and keras.backend.standardize_dtype(x.dtype) == self.compute_dtype)
@@ -443,7 +447,7 @@ class ConvNeXtBlock(keras.layers.Layer):
         """pwconv2, then the layer scale: folded into pwconv2's kernel where it can be (`PointwiseDense.scaled`)."""
         if self.gamma is None:
             return self.pwconv2(x)
-        scaled = self.pwconv2.scaled(x, self.gamma)
+        scaled = self.pwconv2.scaled(x, self.gamma) if isinstance(self.pwconv2, PointwiseDense) else None
         return scaled if scaled is not None else self.pwconv2(x) * ops.cast(self.gamma, x.dtype)
 
     def compute_output_shape(self, input_shape):

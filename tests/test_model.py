@@ -567,6 +567,47 @@ def test_the_layer_scale_folds_into_pwconv2_with_the_same_values_and_gradients(p
         np.testing.assert_allclose(g, plain, atol=tolerance * np.abs(plain).max(), rtol=0, err_msg=v.path)
 
 
+@pytest.mark.parametrize("which, kind", [("pwconv1", "subclass"), ("pwconv2", "subclass"), ("pwconv2", "dense")])
+def test_a_block_runs_a_replaced_pointwise_layer_as_itself(which, kind, monkeypatch):
+    # The block's fused forms (backend_ops.mlp, torch's tiles on an AVX2 CPU, the layer scale folded into
+    # pwconv2, the fused tail) compute PointwiseDense's own maths: a subclass with a call of its own, or a
+    # stock Dense, put in a block must run as itself.
+    from keras_convnext import backend_ops
+    from keras_convnext.layers import PointwiseDense
+
+    class Doubled(PointwiseDense):
+        def call(self, inputs):
+            return super().call(inputs) * 2.0
+
+    fake_hardware(monkeypatch, "cpu", "avx2")  # the row with the most fused forms on every backend
+    x = np.random.default_rng(9).standard_normal((2, 8, 8, 16)).astype("float32")
+    stock = kc.ConvNeXtBlock(16, 0.0, 0.5)
+    plain_out = keras.ops.convert_to_numpy(stock(x, training=False))
+    block = kc.ConvNeXtBlock(16, 0.0, 0.5)
+    old = getattr(block, which)
+    layer = Doubled if kind == "subclass" else keras.layers.Dense
+    setattr(block, which, layer(old.units, activation=old.activation, name=old.name))  # before the build
+    block.build(x.shape)
+    for name in ("dwconv", "norm", "pwconv1", "pwconv2"):
+        getattr(block, name).set_weights(getattr(stock, name).get_weights())
+    block.gamma.assign(stock.gamma)
+    assert type(getattr(block, which)) is layer
+    fused = []
+    for name in ("mlp", "block_mlp"):
+        original = getattr(backend_ops, name)
+        monkeypatch.setattr(backend_ops, name, lambda *a, _f=original, _n=name: fused.append(_n) or _f(*a))
+    hidden = block.pwconv1(block.norm(block.dwconv(x)))
+    expected = x + keras.ops.convert_to_numpy(block.pwconv2(hidden) * block.gamma)
+    for training in (False, True):
+        out = keras.ops.convert_to_numpy(block(x, training=training))
+        np.testing.assert_allclose(out, expected, atol=1e-5, rtol=1e-5)
+    assert not fused, fused
+    if kind == "subclass":  # the doubling shows in the output
+        assert np.abs(out - plain_out).max() > 0.2 * np.abs(plain_out - x).max()
+    else:  # Dense's own maths are the same
+        np.testing.assert_allclose(out, plain_out, atol=1e-5, rtol=1e-5)
+
+
 def backend_gradients(model, x):
     """d(sum of outputs) / d(trainable variables), in each backend's own autodiff."""
     backend = keras.backend.backend()
