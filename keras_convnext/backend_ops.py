@@ -365,6 +365,26 @@ def block_mlp(x, kernel1, bias1, kernel2, bias2, gamma, shortcut):
     return tiled(x, kernel1, bias1, kernel2, bias2, gamma, shortcut) if tiled else None
 
 
+def _after(x, *values):
+    """`values` (variables or tensors) read, and cast under a mixed policy, only once `x` is computed.
+
+    TensorFlow's executor runs an op as soon as its inputs are ready, and a variable's read, its cast to
+    the compute dtype and a fold of the layer scale depend on the variable alone: in a `tf.function` every
+    block's copies would be made at the start of the step and held until their block runs (the whole
+    model's pwconv kernels at once). A control dependency on the layer's input makes one block's at a time
+    (docs/performance.md has the effect on inference memory). Elsewhere (eager, JAX, torch) `values` as
+    they are.
+    """
+    if BACKEND != "tensorflow":
+        return values
+    import tensorflow as tf
+
+    if tf.executing_eagerly():
+        return values
+    with tf.control_dependencies([x]):  # the reads and casts are created here, so they carry the dependency
+        return tuple(v if v is None else tf.identity(v) for v in values)
+
+
 def _gelu_tensorflow(y):
     import math
 
@@ -391,7 +411,7 @@ def dense_tensorflow(x, kernel, bias, gelu):
     # pwconv1 in bfloat16, 3x in float32).
     import tensorflow as tf
 
-    kernel, bias = tf.cast(kernel, x.dtype), tf.cast(bias, x.dtype)
+    kernel, bias = (tf.cast(v, x.dtype) for v in _after(x, kernel, bias))
     shape = tf.shape(x)
     y = tf.nn.bias_add(tf.matmul(tf.reshape(x, (-1, x.shape[-1])), kernel), bias)
     if gelu:
@@ -434,7 +454,7 @@ def dense_scaled(x, kernel, bias, gamma):
     form = forms_here(x.dtype)["dense"]
     if form == "keras":
         return None
-    kernel, bias, scale = _fold(kernel, bias, gamma, x.dtype)
+    kernel, bias, scale = _fold(*_after(x, kernel, bias, gamma), x.dtype)
     if scale is not None:
         return None
     return DENSE_FORMULATIONS[form](x, kernel, bias, False)  # the form casts the folded kernel to x's dtype
@@ -481,6 +501,7 @@ def mlp_tensorflow(x, kernel1, bias1, kernel2, bias2, gamma):
 
     import tensorflow as tf
 
+    kernel1, bias1, kernel2, bias2, gamma = _after(x, kernel1, bias1, kernel2, bias2, gamma)
     kernel2, bias2, scale = _fold(kernel2, bias2, gamma, x.dtype)
     kernel1, bias1, kernel2, bias2 = (tf.cast(v, x.dtype) for v in (kernel1, bias1, kernel2, bias2))
     shape = tf.shape(x)
