@@ -442,25 +442,10 @@ def dense(x, kernel, bias, gelu=False, formulation=None):
     return DENSE_FORMULATIONS[formulation or forms_here(x.dtype)["dense"]](x, kernel, bias, gelu)
 
 
-def dense_scaled(x, kernel, bias, gamma):
-    """(x @ kernel + bias) * gamma as x @ (kernel * gamma) + bias * gamma, or None: scale the output instead.
-
-    The same product, but the per-channel scale multiplies C x 4C numbers instead of the N x H x W x C map:
-    one pass over the map less forward and two less backward, and the map is not kept for gamma's gradient
-    (the GEMM keeps its input anyway; docs/performance.md has the effect on a training step's memory). The
-    CPU dense forms fold; Keras's own (accelerators: not measured there) and float16 do not (the product of a
-    kernel and ConvNeXt's initial scale of 1e-6 is below float16's range).
-    """
-    form = forms_here(x.dtype)["dense"]
-    if form == "keras":
-        return None
-    kernel, bias, scale = _fold(*_after(x, kernel, bias, gamma), x.dtype)
-    if scale is not None:
-        return None
-    return DENSE_FORMULATIONS[form](x, kernel, bias, False)  # the form casts the folded kernel to x's dtype
-
-
-# A block's MLP with only pwconv1's output kept for the backward pass.
+def _folds(dtype):
+    """Whether the layer scale folds into pwconv2's kernel in this compute dtype: not in float16, where a
+    kernel times ConvNeXt's initial scale of 1e-6 is below range."""
+    return keras.backend.standardize_dtype(dtype) != "float16"
 
 
 def _fold(kernel, bias, gamma, dtype):
@@ -471,10 +456,29 @@ def _fold(kernel, bias, gamma, dtype):
 
     if gamma is None:
         return kernel, bias, None
-    if keras.backend.standardize_dtype(dtype) == "float16":
+    if not _folds(dtype):
         return kernel, bias, gamma
     gamma = ops.cast(gamma, "float32")
     return ops.cast(kernel, "float32") * gamma, ops.cast(bias, "float32") * gamma, None
+
+
+def dense_scaled(x, kernel, bias, gamma):
+    """(x @ kernel + bias) * gamma as x @ (kernel * gamma) + bias * gamma, or None: scale the output instead.
+
+    The same product, but the per-channel scale multiplies C x 4C numbers instead of the N x H x W x C map:
+    one pass over the map less forward and two less backward, and the map is not kept for gamma's gradient
+    (the GEMM keeps its input anyway; docs/performance.md has the effect on a training step's memory). The
+    CPU dense forms fold; Keras's own (accelerators: not measured there) and float16 do not (the product of a
+    kernel and ConvNeXt's initial scale of 1e-6 is below float16's range).
+    """
+    form = forms_here(x.dtype)["dense"]
+    if form == "keras" or not _folds(x.dtype):
+        return None
+    kernel, bias, _ = _fold(*_after(x, kernel, bias, gamma), x.dtype)
+    return DENSE_FORMULATIONS[form](x, kernel, bias, False)  # the form casts the folded kernel to x's dtype
+
+
+# A block's MLP with only pwconv1's output kept for the backward pass.
 
 
 def mlp_jax(x, kernel1, bias1, kernel2, bias2, gamma):

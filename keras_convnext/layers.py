@@ -222,11 +222,15 @@ class PointwiseDense(keras.layers.Dense):
             return super().call(inputs, training=training)
         return backend_ops.dense(inputs, self.kernel, self.bias, gelu=gelu)
 
+    def _fusable_linear(self, inputs):
+        """`_fusable`, no activation, and `inputs` in the compute dtype: what the scaled forms assume."""
+        return (self._fusable() and self.activation is keras.activations.linear
+                and keras.backend.standardize_dtype(inputs.dtype) == self.compute_dtype)
+
     def scaled(self, inputs, gamma):
         """`self(inputs) * gamma` with the per-channel scale folded into the kernel and bias, or None where
         the layer is not plain or the backend's form does not fold (`backend_ops.dense_scaled`)."""
-        if (not self._fusable() or self.activation is not keras.activations.linear
-                or keras.backend.standardize_dtype(inputs.dtype) != self.compute_dtype):
+        if not self._fusable_linear(inputs):
             return None
         return backend_ops.dense_scaled(inputs, self.kernel, self.bias, gamma)
 
@@ -236,10 +240,15 @@ class PointwiseDense(keras.layers.Dense):
         `ConvNeXtBlock` uses it for its pwconv2 -> layer scale -> residual add at inference; the
         backend form runs only on concrete tensors none of which needs a gradient.
         """
-        if (not self._fusable() or self.activation is not keras.activations.linear
-                or keras.backend.standardize_dtype(inputs.dtype) != self.compute_dtype):
+        if not self._fusable_linear(inputs):
             return None
         return backend_ops.dense_scale_add(inputs, self.kernel, self.bias, gamma, shortcut)
+
+
+def _own_pointwise(layer):
+    """A block's pwconv that is PointwiseDense with its own call (`PointwiseDense._fusable`): the block's fused
+    forms compute that maths, so a layer put in its place, or a subclass with a call of its own, runs as itself."""
+    return isinstance(layer, PointwiseDense) and layer._fusable()
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -333,7 +342,9 @@ class ConvNeXtBlock(keras.layers.Layer):
     (`PointwiseDense.scale_add`). On JAX's and TensorFlow's CPU forms, GELU and pwconv2 are
     rematerialised together (`backend_ops.mlp`), so the gradient keeps one 4C-wide map per block.
     Otherwise the layer scale is folded into pwconv2's kernel and bias on a CPU (`PointwiseDense.scaled`),
-    and the residual added: the same numbers.
+    and the residual added: the same numbers. These fused forms compute PointwiseDense's own maths, so they
+    run only where pwconv1 and pwconv2 are PointwiseDense with its own call: a subclass with a call of its
+    own, or another layer, put in their place runs as itself, step by step.
 
     Args:
         dim: channels in and out.
@@ -425,7 +436,7 @@ class ConvNeXtBlock(keras.layers.Layer):
         if self.grn_layer is not None:
             x = self.grn_layer(x)
         if fusable:  # (with no gradient needed anywhere in the block)
-            fused = self.pwconv2.scale_add(x, self.gamma, inputs) if isinstance(self.pwconv2, PointwiseDense) else None
+            fused = self.pwconv2.scale_add(x, self.gamma, inputs) if _own_pointwise(self.pwconv2) else None
             if fused is not None:
                 return fused
         x = self._pwconv2_scaled(x)
@@ -437,8 +448,7 @@ class ConvNeXtBlock(keras.layers.Layer):
         """pwconv1 with its GELU, then pwconv2, both plain Dense maths in PointwiseDense's own call
         (`PointwiseDense._fusable`: a layer put in their place, or a subclass with a call of its own, runs as
         itself), no GRN between."""
-        own = all(isinstance(layer, PointwiseDense) for layer in (self.pwconv1, self.pwconv2))
-        return (own and self.pwconv1._fusable() and self.pwconv2._fusable() and self.grn_layer is None
+        return (_own_pointwise(self.pwconv1) and _own_pointwise(self.pwconv2) and self.grn_layer is None
                 and self.pwconv1.activation is keras.activations.gelu
                 and self.pwconv2.activation is keras.activations.linear
                 and keras.backend.standardize_dtype(x.dtype) == self.compute_dtype)
@@ -447,7 +457,7 @@ class ConvNeXtBlock(keras.layers.Layer):
         """pwconv2, then the layer scale: folded into pwconv2's kernel where it can be (`PointwiseDense.scaled`)."""
         if self.gamma is None:
             return self.pwconv2(x)
-        scaled = self.pwconv2.scaled(x, self.gamma) if isinstance(self.pwconv2, PointwiseDense) else None
+        scaled = self.pwconv2.scaled(x, self.gamma) if _own_pointwise(self.pwconv2) else None
         return scaled if scaled is not None else self.pwconv2(x) * ops.cast(self.gamma, x.dtype)
 
     def compute_output_shape(self, input_shape):

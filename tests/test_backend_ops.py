@@ -416,8 +416,12 @@ def tf_checks_of_the_mlp_in_a_graph(inputs, upstream, expected_grads):
     assert erfs and all(late(op) for op in erfs), [(op.name, [t.op.type for t in op.inputs]) for op in erfs]
 
 
-@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
-def test_a_traced_model_reads_each_pointwise_kernel_once_its_layer_input_is_there(policy, monkeypatch):
+@pytest.mark.parametrize("policy, path", [
+    ("float32", "mlp"), ("mixed_bfloat16", "mlp"),  # a V1 block's MLP (backend_ops.mlp_tensorflow)
+    ("float32", "dense"),  # V1 step by step: dense_tensorflow for pwconv1, dense_scaled for pwconv2
+    ("mixed_bfloat16", "v2"),  # GRN between the pwconvs: dense_tensorflow for both
+])
+def test_a_traced_model_reads_each_pointwise_kernel_once_its_layer_input_is_there(policy, path, monkeypatch):
     # TensorFlow runs a variable's read, cast and layer-scale fold as soon as the variable is there: without
     # backend_ops._after every block's copies are made at the start of a tf.function and held (ConvNeXt-T:
     # the whole model's pwconv kernels, 50-100 MB of inference peak). Elsewhere _after changes nothing.
@@ -432,9 +436,12 @@ def test_a_traced_model_reads_each_pointwise_kernel_once_its_layer_input_is_ther
 
     assert backend_ops._after(a, a, b)[1] is b  # eager: nothing to order
     keras.config.set_dtype_policy(policy)
-    model = kc.ConvNeXt(**TINY, input_shape=(32, 32, 3), weights=None, include_top=False)
+    if path == "dense":
+        monkeypatch.setattr(backend_ops, "MLP_REMAT_FORMULATIONS", {})
+    model = kc.ConvNeXt(**TINY, input_shape=(32, 32, 3), weights=None, include_top=False,
+                        **({"version": 2, "layer_scale_init_value": None} if path == "v2" else {}))
     kernels = {id(v.value.handle): v.path for v in model.variables
-               if v.path.endswith(("pwconv1/kernel", "pwconv2/kernel", "pwconv2/bias"))
+               if v.path.endswith(("pwconv1/kernel", "pwconv1/bias", "pwconv2/kernel", "pwconv2/bias"))
                or (v.path.endswith("/gamma") and v.path.split("/")[-2].startswith("block_"))}  # the layer scale
     graph = tf.function(lambda x: model(x, training=False)).get_concrete_function(
         tf.TensorSpec((2, 32, 32, 3), "float32")).graph
