@@ -6,6 +6,7 @@ every path gives the same numbers.
 """
 
 import functools
+import math
 import os
 
 import keras
@@ -157,7 +158,7 @@ def depthwise_conv_same(x, kernel, bias, formulation=None):
 # Pointwise layers: x @ kernel + bias, then GELU or nothing, over the last axis of an NHWC map.
 
 
-def dense_keras(x, kernel, bias, gelu):
+def dense_keras(x, kernel, bias, gelu, training=None):
     from keras import ops
 
     y = ops.matmul(x, ops.cast(kernel, x.dtype)) + ops.cast(bias, x.dtype)
@@ -208,7 +209,7 @@ def _make_mixed_dense_jax():
     return dense
 
 
-def dense_jax(x, kernel, bias, gelu):
+def dense_jax(x, kernel, bias, gelu, training=None):
     # Autodiff of the erf GELU keeps its input *and* erf's output, two 4C-wide maps per block;
     # rematerialised (jax.checkpoint) it keeps only its input and recomputes erf in the backward
     # pass: ConvNeXt-T's gradient at batch 16 needs 3.4 -> 2.4 GB of XLA temporaries.
@@ -261,7 +262,7 @@ def _onednn_linear_ok(x, *params):
             and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
-def dense_torch(x, kernel, bias, gelu, onednn=True):
+def dense_torch(x, kernel, bias, gelu, training=None, onednn=True):
     # Keras's Dense is matmul, then a separate bias add, then GELU: three passes over a 4C-wide
     # map. For training, addmm folds the bias into the GEMM (by first copying it into every row of
     # the output). At inference oneDNN's linear (what torch.compile's CPU backend emits; torch eager
@@ -283,7 +284,7 @@ def dense_torch(x, kernel, bias, gelu, onednn=True):
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-def dense_addmm_torch(x, kernel, bias, gelu):
+def dense_addmm_torch(x, kernel, bias, gelu, training=None):
     # addmm (+ GELU) at inference too: on an AVX2-only CPU oneDNN's float32 linear with its GELU
     # post-op made ConvNeXt-T's eager predict 1.4-1.8x slower than this (docs/dispatch.md).
     return dense_torch(x, kernel, bias, gelu, onednn=False)
@@ -385,9 +386,64 @@ def _after(x, *values):
         return tuple(v if v is None else tf.identity(v) for v in values)
 
 
-def _gelu_tensorflow(y):
-    import math
+_SQRT_HALF, _INV_SQRT_2PI = 1.0 / math.sqrt(2.0), 1.0 / math.sqrt(2.0 * math.pi)
 
+
+@functools.cache
+def xla_gelu_tensorflow():
+    """(gelu, gelu_times): the erf GELU of a map and `upstream * gelu'(h)`, each compiled by XLA into one pass
+    over the map (in float32, rounded once for a half-precision map); None where this TensorFlow cannot.
+
+    Keras's "auto" runs TensorFlow's CPU graph without XLA, op by op: the GELU is four ops and its derivative
+    times the upstream gradient nine, each a pass over a 4C-wide map and, in bfloat16, each rounded. Wherever
+    grappler can fuse the GELU into its MatMul (inference: oneDNN's GELU post-op) the plain op stays; in
+    training it cannot, the gradient needing the GELU's input, and these run instead: on the stage-0 hidden map
+    (50,176 x 384) the GELU 88 -> 15 ms in bfloat16 and 45 -> 18 ms in float32, the gradient's elementwise part
+    67 -> 38 and 84 -> 42 ms (AMD EPYC, AVX-512 BF16; docs/performance.md). XLA's erf agrees with TensorFlow's
+    to float32 rounding. Checked once, on a tiny map: a TensorFlow built without XLA's CPU JIT keeps the ops.
+    """
+    import tensorflow as tf
+
+    def gelu(h):
+        h32 = tf.cast(h, tf.float32)
+        return tf.cast(h32 * (0.5 * (1.0 + tf.math.erf(h32 * _SQRT_HALF))), h.dtype)
+
+    def gelu_times(upstream, h):
+        h32 = tf.cast(h, tf.float32)
+        slope = 0.5 * (1.0 + tf.math.erf(h32 * _SQRT_HALF)) + h32 * tf.exp(-0.5 * h32 * h32) * _INV_SQRT_2PI
+        return tf.cast(tf.cast(upstream, tf.float32) * slope, upstream.dtype)
+
+    compiled = tf.function(gelu, jit_compile=True), tf.function(gelu_times, jit_compile=True)
+    try:
+        with tf.init_scope():  # eager, also when first asked inside a traced step
+            probe = tf.constant([-1.0, 0.5])
+            compiled[1](probe, compiled[0](probe)).numpy()
+    except (tf.errors.OpError, NotImplementedError, ValueError):
+        return None
+    return compiled
+
+
+def _gelu_slope_tensorflow(upstream, h):
+    """upstream * GELU'(h): XLA's one pass where it compiles, else TensorFlow's ops (in h's dtype)."""
+    import tensorflow as tf
+
+    xla = xla_gelu_tensorflow()
+    if xla:
+        return xla[1](upstream, h)
+    cdf = 0.5 * (1.0 + tf.math.erf(h * _SQRT_HALF))
+    return upstream * (cdf + h * tf.exp(-0.5 * tf.square(h)) * _INV_SQRT_2PI)
+
+
+def _gelu_forward_tensorflow(h, training):
+    """The exact GELU of h: TensorFlow's op where grappler may fuse it into the MatMul before it (not
+    `training`), XLA's one pass in training where it compiles."""
+    import tensorflow as tf
+
+    xla = xla_gelu_tensorflow() if training else None
+    return xla[0](h) if xla else tf.nn.gelu(h, approximate=False)
+
+
+def _gelu_tensorflow(y, training=None):
     import tensorflow as tf
 
     # tf.nn.gelu(approximate=False) is five ops whose gradients keep four 4C-wide maps; this
@@ -395,16 +451,14 @@ def _gelu_tensorflow(y):
     @tf.custom_gradient
     def gelu(y):
         def grad(upstream):
-            cdf = 0.5 * (1.0 + tf.math.erf(y * (1.0 / math.sqrt(2.0))))
-            pdf = tf.exp(-0.5 * tf.square(y)) * (1.0 / math.sqrt(2.0 * math.pi))
-            return upstream * (cdf + y * pdf)
+            return _gelu_slope_tensorflow(upstream, y)
 
-        return tf.nn.gelu(y, approximate=False), grad
+        return _gelu_forward_tensorflow(y, training), grad
 
     return gelu(y)
 
 
-def dense_tensorflow(x, kernel, bias, gelu):
+def dense_tensorflow(x, kernel, bias, gelu, training=None):
     # Keras's Dense on a 4-D map is tensordot (reshape, MatMul, reshape), then AddV2 and GELU's
     # five ops: the reshape between MatMul and the add keeps grappler from fusing them. A 2-D
     # MatMul -> BiasAdd -> Gelu chain becomes one oneDNN _FusedMatMul (7x faster on the stage-0
@@ -415,7 +469,7 @@ def dense_tensorflow(x, kernel, bias, gelu):
     shape = tf.shape(x)
     y = tf.nn.bias_add(tf.matmul(tf.reshape(x, (-1, x.shape[-1])), kernel), bias)
     if gelu:
-        y = _gelu_tensorflow(y)
+        y = _gelu_tensorflow(y, training)
     return tf.reshape(y, tf.concat([shape[:-1], [kernel.shape[-1]]], axis=0))
 
 
@@ -437,9 +491,13 @@ def dense_formulations_for(backend=BACKEND):
     return own_or_keras(DENSE_FORMULATIONS, backend)
 
 
-def dense(x, kernel, bias, gelu=False, formulation=None):
-    """x @ kernel + bias over the last axis, then exact (erf) GELU if `gelu`."""
-    return DENSE_FORMULATIONS[formulation or forms_here(x.dtype)["dense"]](x, kernel, bias, gelu)
+def dense(x, kernel, bias, gelu=False, formulation=None, training=None):
+    """x @ kernel + bias over the last axis, then exact (erf) GELU if `gelu`.
+
+    `training` (the layer's) says whether a gradient is likely; only TensorFlow's form reads it, to choose how
+    it computes the GELU (`xla_gelu_tensorflow`). The numbers do not depend on it.
+    """
+    return DENSE_FORMULATIONS[formulation or forms_here(x.dtype)["dense"]](x, kernel, bias, gelu, training)
 
 
 def _folds(dtype):
@@ -481,7 +539,7 @@ def dense_scaled(x, kernel, bias, gamma):
 # A block's MLP with only pwconv1's output kept for the backward pass.
 
 
-def mlp_jax(x, kernel1, bias1, kernel2, bias2, gamma):
+def mlp_jax(x, kernel1, bias1, kernel2, bias2, gamma, training=None):
     # Autodiff keeps GELU's output for pwconv2's kernel gradient beside GELU's input for its own: two
     # 4C-wide maps per block. Rematerialised together (jax.checkpoint), GELU and pwconv2 keep only their
     # input, and the backward pass recomputes the GELU from it, erf being recomputed there already
@@ -496,13 +554,12 @@ def mlp_jax(x, kernel1, bias1, kernel2, bias2, gamma):
     return y if scale is None else y * ops.cast(scale, y.dtype)
 
 
-def mlp_tensorflow(x, kernel1, bias1, kernel2, bias2, gamma):
+def mlp_tensorflow(x, kernel1, bias1, kernel2, bias2, gamma, training=None):
     # The same for TensorFlow: tf.matmul's gradient keeps GELU's output for pwconv2's kernel gradient, beside
     # the GELU's input that `_gelu_tensorflow` keeps. Here GELU -> pwconv2 has one gradient that keeps the
-    # input alone and recomputes Phi, phi and the GELU from it. The forward ops are `dense_tensorflow`'s
-    # (2-D MatMul -> BiasAdd -> Gelu, then MatMul -> BiasAdd), reshaped once.
-    import math
-
+    # input alone and recomputes the GELU and its slope from it (`xla_gelu_tensorflow` where XLA compiles).
+    # The forward ops are `dense_tensorflow`'s (2-D MatMul -> BiasAdd -> Gelu, then MatMul -> BiasAdd),
+    # reshaped once.
     import tensorflow as tf
 
     kernel1, bias1, kernel2, bias2, gamma = _after(x, kernel1, bias1, kernel2, bias2, gamma)
@@ -519,13 +576,11 @@ def mlp_tensorflow(x, kernel1, bias1, kernel2, bias2, gamma):
             # its maps are kept until the backward pass (measured: no memory saved, docs/performance.md).
             with tf.control_dependencies([upstream]):
                 late = tf.identity(h)
-            cdf = 0.5 * (1.0 + tf.math.erf(late * (1.0 / math.sqrt(2.0))))
-            pdf = tf.exp(-0.5 * tf.square(late)) * (1.0 / math.sqrt(2.0 * math.pi))
-            d_kernel = tf.matmul(late * cdf, upstream, transpose_a=True)
-            d_h = tf.matmul(upstream, kernel, transpose_b=True) * (cdf + late * pdf)
+            d_kernel = tf.matmul(_gelu_forward_tensorflow(late, True), upstream, transpose_a=True)
+            d_h = _gelu_slope_tensorflow(tf.matmul(upstream, kernel, transpose_b=True), late)
             return d_h, d_kernel, tf.reduce_sum(upstream, axis=0)
 
-        return tf.nn.bias_add(tf.matmul(tf.nn.gelu(h, approximate=False), kernel), bias), grad
+        return tf.nn.bias_add(tf.matmul(_gelu_forward_tensorflow(h, training), kernel), bias), grad
 
     y = tf.reshape(gelu_dense(hidden, kernel2, bias2), tf.concat([shape[:-1], [kernel2.shape[-1]]], axis=0))
     return y if scale is None else y * tf.cast(scale, y.dtype)
@@ -537,14 +592,14 @@ def mlp_tensorflow(x, kernel1, bias1, kernel2, bias2, gamma):
 MLP_REMAT_FORMULATIONS = {"jax": mlp_jax, "tensorflow": mlp_tensorflow}
 
 
-def mlp(x, kernel1, bias1, kernel2, bias2, gamma=None):
+def mlp(x, kernel1, bias1, kernel2, bias2, gamma=None, training=None):
     """(gelu(x @ kernel1 + bias1) @ kernel2 + bias2) * gamma, keeping only the hidden map for the gradient; or None.
 
     The same numbers as pwconv1 (with its GELU), pwconv2 and the layer scale step by step (the scale folded
     into pwconv2 as `dense_scaled`); None where the dispatched dense form has no such form.
     """
     form = MLP_REMAT_FORMULATIONS.get(forms_here(x.dtype)["dense"])
-    return form(x, kernel1, bias1, kernel2, bias2, gamma) if form else None
+    return form(x, kernel1, bias1, kernel2, bias2, gamma, training) if form else None
 
 
 # A block's tail fused: only where a backend has a fused form (eager PyTorch inference); under

@@ -220,7 +220,7 @@ class PointwiseDense(keras.layers.Dense):
         gelu = self.activation is keras.activations.gelu
         if not self._plain() or not (gelu or self.activation is keras.activations.linear):
             return super().call(inputs, training=training)
-        return backend_ops.dense(inputs, self.kernel, self.bias, gelu=gelu)
+        return backend_ops.dense(inputs, self.kernel, self.bias, gelu=gelu, training=training)
 
     def _fusable_linear(self, inputs):
         """`_fusable`, no activation, and `inputs` in the compute dtype: what the scaled forms assume."""
@@ -419,7 +419,7 @@ class ConvNeXtBlock(keras.layers.Layer):
                 return tiled
         if plain:
             y = backend_ops.mlp(x, self.pwconv1.kernel, self.pwconv1.bias, self.pwconv2.kernel, self.pwconv2.bias,
-                                self.gamma)
+                                self.gamma, training=training)
             if y is not None:
                 if self.drop_path is not None:
                     y = self.drop_path(y, training=training)

@@ -212,24 +212,25 @@ def test_dense_formulation_in_bfloat16_stays_within_bfloat16_rounding(formulatio
 
 
 @pytest.mark.parametrize("formulation", backend_ops.dense_formulations_for())
-@pytest.mark.parametrize("gelu", [True, False])
-def test_every_dense_formulation_has_the_same_gradients(formulation, gelu):
+@pytest.mark.parametrize("gelu, training", [(True, None), (True, True), (False, None)])
+def test_every_dense_formulation_has_the_same_gradients(formulation, gelu, training):
+    # `training`: TensorFlow's form computes the GELU in XLA's one pass then (xla_gelu_tensorflow), not the op.
     x, kernel, bias = _dense_inputs(2)
     upstream = np.random.default_rng(5).standard_normal((2, 5, 7, 24)).astype("float32")
 
     def op(x, kernel, bias, formulation):
-        return backend_ops.dense(x, kernel, bias, gelu=gelu, formulation=formulation)
+        return backend_ops.dense(x, kernel, bias, gelu=gelu, formulation=formulation, training=training)
 
     _assert_same_gradients_as_keras(formulation, (x, kernel, bias), upstream, op, ("x", "kernel", "bias"))
 
 
 @pytest.mark.parametrize("formulation", backend_ops.dense_formulations_for())
-@pytest.mark.parametrize("gelu", [True, False])
-def test_dense_in_mixed_precision_and_its_gradients_stay_within_bfloat16_rounding(formulation, gelu):
+@pytest.mark.parametrize("gelu, training", [(True, None), (True, True), (False, None)])
+def test_dense_in_mixed_precision_and_its_gradients_stay_within_bfloat16_rounding(formulation, gelu, training):
     # The JAX form has its own gradient in mixed precision (every GEMM bfloat16 in, float32 out).
     x, kernel, bias = _dense_inputs(4)
     upstream = np.random.default_rng(7).standard_normal((2, 5, 7, 24)).astype("float32")
-    op = _mixed(backend_ops.dense, gelu=gelu)
+    op = _mixed(backend_ops.dense, gelu=gelu, training=training)
     out = keras.ops.convert_to_numpy(op(*(keras.ops.convert_to_tensor(v) for v in (x, kernel, bias)), formulation))
     np.testing.assert_allclose(out, dense_reference(x, kernel, bias, gelu), atol=0.05, rtol=0.02)
     y = x.astype("float64") @ kernel + bias
@@ -392,28 +393,48 @@ def test_the_mlp_keeps_one_hidden_map_for_its_gradient_with_the_plain_numbers(is
 
 
 def tf_checks_of_the_mlp_in_a_graph(inputs, upstream, expected_grads):
-    """TensorFlow: the gradient inside one tf.function, and its recomputation ordered after the upstream gradient."""
+    """TensorFlow: the gradient inside one tf.function, and its recomputation ordered after the upstream gradient,
+    with the GELU in XLA's one pass and in TensorFlow's ops (no XLA), the forward for training and for inference."""
     import tensorflow as tf
 
     variables = [tf.Variable(v) for v in inputs]
+    xla = backend_ops.xla_gelu_tensorflow()
+    assert xla is not None  # this TensorFlow has XLA's CPU JIT (the pip wheels do)
+    for compiles in (True, False):
+        for training in (True, None):
+            @tf.function
+            def step():
+                with tf.GradientTape() as tape:
+                    loss = tf.reduce_sum(backend_ops.mlp(*variables, training=training) * upstream)
+                return tape.gradient(loss, variables)
 
-    @tf.function
-    def step():
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_sum(backend_ops.mlp(*variables) * upstream)
-        return tape.gradient(loss, variables)
+            with pytest.MonkeyPatch.context() as patch:
+                if not compiles:  # what a TensorFlow without XLA's CPU JIT runs
+                    patch.setattr(backend_ops, "xla_gelu_tensorflow", lambda: None)
+                for name, e, g in zip(NAMES, expected_grads, step()):
+                    np.testing.assert_allclose(g.numpy(), e, atol=1e-5 * np.abs(e).max(), rtol=0,
+                                               err_msg=f"{name} xla={compiles} training={training}")
+                graph = step.get_concrete_function().graph
+            ops = graph.get_operations()
+            calls = [op for op in ops if op.type in ("PartitionedCall", "StatefulPartitionedCall")]
+            forward = [op for op in ops if op.type == "Erfc"]  # tf.nn.gelu's
+            # The backward's GELU and slope (XLA's two calls, or the ops' Erf) read an Identity of h that has a
+            # control input, the upstream gradient: TensorFlow would otherwise run them, and keep their maps,
+            # during the forward pass.
+            recomputed = calls[-2:] if compiles else [op for op in ops if op.type == "Erf"]
+            assert len(calls) == (3 if compiles and training else 2 if compiles else 0), [op.type for op in calls]
+            if compiles:  # the forward's GELU: XLA's for training, else the op grappler fuses into the MatMul
+                assert len(forward) == (0 if training else 1), training
+            else:  # one forward, one recomputed for pwconv2's kernel gradient
+                assert sorted(_reads_a_late_identity(op) for op in forward) == [False, True]
+            assert recomputed and all(_reads_a_late_identity(op) for op in recomputed), [
+                (op.name, [t.op.type for t in op.inputs]) for op in recomputed]
 
-    for name, e, g in zip(NAMES, expected_grads, step()):
-        np.testing.assert_allclose(g.numpy(), e, atol=1e-5 * np.abs(e).max(), rtol=0, err_msg=name)
-    # The erf of the recomputation reads an Identity of h that has a control input (the upstream gradient):
-    # TensorFlow would otherwise run it, and keep its maps, during the forward pass (whose GELU is built on Erfc).
-    graph = step.get_concrete_function().graph
-    erfs = [op for op in graph.get_operations() if op.type == "Erf"]
 
-    def late(erf):
-        return any(t.op.type == "Identity" and t.op.control_inputs for t in erf.inputs[0].op.inputs)
-
-    assert erfs and all(late(op) for op in erfs), [(op.name, [t.op.type for t in op.inputs]) for op in erfs]
+def _reads_a_late_identity(op, depth=3):
+    """Whether `op` reads, directly or up to `depth` - 1 ops up, an Identity with a control input."""
+    return any((t.op.type == "Identity" and t.op.control_inputs) or (depth > 1 and _reads_a_late_identity(t.op, depth - 1))
+               for t in op.inputs)
 
 
 @pytest.mark.parametrize("policy, path", [

@@ -558,7 +558,7 @@ def test_the_layer_scale_folds_into_pwconv2_with_the_same_values_and_gradients(p
     out, grads = keras.ops.convert_to_numpy(model(x)), backend_gradients(model, x)
     assert calls and all(c == folds for c in calls), calls  # every block, eager and under autodiff
     monkeypatch.setattr(PointwiseDense, "scaled", lambda self, inputs, gamma: None)  # scale the map instead
-    monkeypatch.setattr(backend_ops, "mlp", lambda *args: None)  # and run the block MLP step by step
+    monkeypatch.setattr(backend_ops, "mlp", lambda *args, **kwargs: None)  # and run the block MLP step by step
     plain_out, plain_grads = keras.ops.convert_to_numpy(model(x)), backend_gradients(model, x)
     tolerance = 1e-5 if policy == "float32" else 0.05
     np.testing.assert_allclose(out, plain_out, atol=tolerance * np.abs(plain_out).max(), rtol=0)
