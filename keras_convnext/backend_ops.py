@@ -616,13 +616,13 @@ def dense_scale_add(x, kernel, bias, gamma, shortcut):
 # LayerNorm over the channels (last axis).
 
 
-def layer_norm_keras(x, gamma, beta, epsilon):
+def layer_norm_keras(x, gamma, beta, epsilon, training=None):
     from keras import ops
 
     return ops.layer_normalization(x, gamma, beta, -1, epsilon)
 
 
-def layer_norm_jax(x, gamma, beta, epsilon):
+def layer_norm_jax(x, gamma, beta, epsilon, training=None):
     # Rematerialised: the backward pass recomputes mean and variance from the saved input instead
     # of keeping the centred map and its products (2.4 -> 2.1 GB for ConvNeXt-T's gradient).
     import jax
@@ -634,7 +634,7 @@ def layer_norm_jax(x, gamma, beta, epsilon):
     return jax.checkpoint(norm)(x, ops.convert_to_tensor(gamma), ops.convert_to_tensor(beta))
 
 
-def layer_norm_torch(x, gamma, beta, epsilon):
+def layer_norm_torch(x, gamma, beta, epsilon, training=None):
     # PyTorch's CPU layer norm takes a bfloat16 map with float32 gamma/beta and accumulates in
     # float32: Keras's cast of the whole map to float32 and back (two copies) is not needed.
     import torch.nn.functional as F
@@ -644,7 +644,62 @@ def layer_norm_torch(x, gamma, beta, epsilon):
     return F.layer_norm(x, (x.shape[-1],), gamma, beta, epsilon)
 
 
-LAYER_NORM_FORMULATIONS = {"torch": layer_norm_torch, "jax": layer_norm_jax, "keras": layer_norm_keras}
+@functools.cache
+def xla_layer_norm_tensorflow(epsilon):
+    """(forward, backward) of LayerNorm over the last axis, each one XLA-compiled function (statistics in
+    float32; the backward recomputes them from the input); None where XLA cannot compile here.
+
+    Keras's LayerNorm on TensorFlow's CPU graph is about ten ops forward and twenty backward, each a pass over
+    the map, and under a mixed policy its gradient keeps a float32 copy of the bfloat16 input. Only in training
+    (`layer_norm_tensorflow`): at inference and in exported graphs Keras's ops stay.
+    """
+    import tensorflow as tf
+
+    if xla_gelu_tensorflow() is None:  # the same probe: this TensorFlow's XLA CPU JIT
+        return None
+
+    def normalised(x32):
+        centred = x32 - tf.reduce_mean(x32, -1, keepdims=True)
+        inv = tf.math.rsqrt(tf.reduce_mean(centred * centred, -1, keepdims=True) + epsilon)
+        return centred * inv, inv
+
+    def forward(x, gamma, beta):
+        xhat, _ = normalised(tf.cast(x, tf.float32))
+        return tf.cast(xhat * gamma + beta, x.dtype)
+
+    def backward(x, gamma, upstream):
+        xhat, inv = normalised(tf.cast(x, tf.float32))
+        g = tf.cast(upstream, tf.float32)
+        gy = g * gamma
+        dx = inv * (gy - tf.reduce_mean(gy, -1, keepdims=True) - xhat * tf.reduce_mean(gy * xhat, -1, keepdims=True))
+        axes = list(range(len(x.shape) - 1))
+        return tf.cast(dx, x.dtype), tf.reduce_sum(g * xhat, axes), tf.reduce_sum(g, axes)
+
+    return tf.function(forward, jit_compile=True), tf.function(backward, jit_compile=True)
+
+
+def layer_norm_tensorflow(x, gamma, beta, epsilon, training=None):
+    # In training, forward and backward each one XLA-compiled pass (`xla_layer_norm_tensorflow`); otherwise,
+    # and where XLA cannot compile, Keras's ops.
+    xla = xla_layer_norm_tensorflow(float(epsilon)) if training else None
+    if xla is None:
+        return layer_norm_keras(x, gamma, beta, epsilon)
+    import tensorflow as tf
+
+    gamma, beta = (tf.cast(v, tf.float32) for v in _after(x, gamma, beta))
+
+    @tf.custom_gradient
+    def norm(x, gamma, beta):
+        def grad(upstream):
+            return xla[1](x, gamma, upstream)
+
+        return xla[0](x, gamma, beta), grad
+
+    return norm(x, gamma, beta)
+
+
+LAYER_NORM_FORMULATIONS = {"torch": layer_norm_torch, "jax": layer_norm_jax, "tensorflow": layer_norm_tensorflow,
+                           "keras": layer_norm_keras}
 
 
 def layer_norm_formulations_for(backend=BACKEND):
@@ -652,10 +707,14 @@ def layer_norm_formulations_for(backend=BACKEND):
     return own_or_keras(LAYER_NORM_FORMULATIONS, backend)
 
 
-def layer_norm(x, gamma, beta, epsilon, formulation=None):
-    """LayerNorm over the last axis, computed in at least float32, returned in x's dtype."""
+def layer_norm(x, gamma, beta, epsilon, formulation=None, training=None):
+    """LayerNorm over the last axis, computed in at least float32, returned in x's dtype.
+
+    `training` (the layer's): TensorFlow's form compiles itself with XLA then (`xla_layer_norm_tensorflow`);
+    the numbers do not depend on it.
+    """
     name = formulation or forms_here(x.dtype)["layer_norm"]
-    return LAYER_NORM_FORMULATIONS[name](x, gamma, beta, epsilon)
+    return LAYER_NORM_FORMULATIONS[name](x, gamma, beta, epsilon, training)
 
 
 # ---- which form runs where ---------------------------------------------------------------------
@@ -671,7 +730,7 @@ DISPATCH = (
     ("jax",         "cpu", ANY, ANY,    "shifted_jax", "jax",        "jax"),
     ("torch",       "cpu", "avx2", ANY, "torch",       "addmm_torch", "torch"),  # oneDNN's linear is slower there
     ("torch",       "cpu", ANY, ANY,    "torch",       "torch",      "torch"),
-    ("tensorflow",  "cpu", ANY, ANY,    "keras",       "tensorflow", "keras"),
+    ("tensorflow",  "cpu", ANY, ANY,    "keras",       "tensorflow", "tensorflow"),
     (ANY,           ANY,   ANY, ANY,    "keras",       "keras",      "keras"),
 )
 

@@ -260,11 +260,11 @@ class LayerNorm(keras.layers.LayerNormalization):
     bfloat16/float32 in one PyTorch kernel). Any other configuration is the parent's own call.
     """
 
-    def call(self, inputs):
+    def call(self, inputs, training=None):
         if self.axis not in (-1, [-1], len(inputs.shape) - 1, [len(inputs.shape) - 1]) or not (
                 self.center and self.scale) or self.rms_scaling:
             return super().call(inputs)
-        out = backend_ops.layer_norm(inputs, self.gamma, self.beta, self.epsilon)
+        out = backend_ops.layer_norm(inputs, self.gamma, self.beta, self.epsilon, training=training)
         return keras.ops.cast(out, self.compute_dtype)
 
 

@@ -159,7 +159,7 @@ def test_dense_formulations_per_backend():
     assert backend_ops.dense_formulations_for("tensorflow") == ["tensorflow", "keras"]
     assert backend_ops.dense_formulations_for("jax") == ["jax", "keras"]
     assert backend_ops.layer_norm_formulations_for("torch") == ["torch", "keras"]
-    assert backend_ops.layer_norm_formulations_for("tensorflow") == ["keras"]
+    assert backend_ops.layer_norm_formulations_for("tensorflow") == ["tensorflow", "keras"]
     assert backend_ops.layer_norm_formulations_for("jax") == ["jax", "keras"]
 
 
@@ -170,8 +170,7 @@ def test_the_backends_own_form_is_the_default(monkeypatch):
     monkeypatch.setitem(backend_ops.DENSE_FORMULATIONS, expected, lambda *args: "dense default")
     x = keras.ops.ones((1, 2, 2, 3))
     assert backend_ops.dense(x, None, None) == "dense default"
-    expected = backend if backend in ("torch", "jax") else "keras"
-    monkeypatch.setitem(backend_ops.LAYER_NORM_FORMULATIONS, expected, lambda *args: "norm default")
+    monkeypatch.setitem(backend_ops.LAYER_NORM_FORMULATIONS, backend, lambda *args: "norm default")
     assert backend_ops.layer_norm(x, None, None, 1e-6) == "norm default"
 
 
@@ -547,30 +546,78 @@ def _norm_inputs(seed=0, shape=(2, 5, 7, 16)):
 
 
 @pytest.mark.parametrize("formulation", backend_ops.layer_norm_formulations_for())
-def test_every_layer_norm_formulation_matches_the_reference(formulation):
+@pytest.mark.parametrize("training", [None, True])  # TensorFlow's form: Keras's ops, or XLA's in training
+def test_every_layer_norm_formulation_matches_the_reference(formulation, training):
     x, gamma, beta = _norm_inputs()
-    out = backend_ops.layer_norm(*(keras.ops.convert_to_tensor(v) for v in (x, gamma, beta)), 1e-6, formulation)
+    out = backend_ops.layer_norm(*(keras.ops.convert_to_tensor(v) for v in (x, gamma, beta)), 1e-6, formulation,
+                                 training=training)
     np.testing.assert_allclose(keras.ops.convert_to_numpy(out), layer_norm_reference(x, gamma, beta, 1e-6),
                                atol=1e-5, rtol=1e-5)
     # A bfloat16 map with float32 gamma and beta (mixed precision): statistics in float32, the
     # result in bfloat16 within its rounding (8 bits of mantissa on values up to ~5).
     bf16 = keras.ops.cast(keras.ops.convert_to_tensor(x), "bfloat16")
     out = backend_ops.layer_norm(bf16, keras.ops.convert_to_tensor(gamma), keras.ops.convert_to_tensor(beta),
-                                 1e-6, formulation)
+                                 1e-6, formulation, training=training)
     assert keras.backend.standardize_dtype(out.dtype) == "bfloat16"
     expected = layer_norm_reference(keras.ops.convert_to_numpy(keras.ops.cast(bf16, "float32")), gamma, beta, 1e-6)
     np.testing.assert_allclose(keras.ops.convert_to_numpy(keras.ops.cast(out, "float32")), expected, atol=0.04)
 
 
 @pytest.mark.parametrize("formulation", backend_ops.layer_norm_formulations_for())
-def test_every_layer_norm_formulation_has_the_same_gradients(formulation):
+@pytest.mark.parametrize("training", [None, True])
+def test_every_layer_norm_formulation_has_the_same_gradients(formulation, training):
     x, gamma, beta = _norm_inputs(1)
     upstream = np.random.default_rng(6).standard_normal(x.shape).astype("float32")
 
     def op(x, gamma, beta, formulation):
-        return backend_ops.layer_norm(x, gamma, beta, 1e-6, formulation)
+        return backend_ops.layer_norm(x, gamma, beta, 1e-6, formulation, training=training)
 
     _assert_same_gradients_as_keras(formulation, (x, gamma, beta), upstream, op, ("x", "gamma", "beta"))
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TensorFlow's LayerNorm form")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_tensorflow_layer_norm_in_training_is_xla_with_the_plain_numbers_or_keras_without_xla(dtype, monkeypatch):
+    # In training, forward and backward are XLA-compiled (statistics in float32, recomputed in the backward);
+    # otherwise, and where XLA cannot compile, Keras's ops: the same values and gradients, inside a tf.function.
+    import tensorflow as tf
+
+    x, gamma, beta = _norm_inputs(3)
+    upstream = np.random.default_rng(9).standard_normal(x.shape).astype("float32")
+    xs = tf.cast(x, dtype)
+    ref_x = tf.cast(xs, "float64").numpy()
+    expected = layer_norm_reference(ref_x, gamma, beta, 1e-6)
+    mean = ref_x.mean(-1, keepdims=True)
+    inv = 1 / np.sqrt(((ref_x - mean) ** 2).mean(-1, keepdims=True) + 1e-6)
+    xhat, gy = (ref_x - mean) * inv, upstream * gamma
+    expected_grads = (inv * (gy - gy.mean(-1, keepdims=True) - xhat * (gy * xhat).mean(-1, keepdims=True)),
+                      (upstream * xhat).sum((0, 1, 2)), upstream.sum((0, 1, 2)))
+    tolerance = 1e-5 if dtype == "float32" else 0.02
+    for compiles in (True, False):
+        for training in (True, None):
+            variables = [tf.Variable(xs), tf.Variable(gamma), tf.Variable(beta)]
+
+            @tf.function
+            def step():
+                with tf.GradientTape() as tape:
+                    out = backend_ops.layer_norm(*variables, 1e-6, "tensorflow", training=training)
+                    loss = tf.reduce_sum(tf.cast(out, tf.float32) * upstream)
+                return out, tape.gradient(loss, variables)
+
+            with pytest.MonkeyPatch.context() as patch:
+                if not compiles:
+                    patch.setattr(backend_ops, "xla_layer_norm_tensorflow", lambda epsilon: None)
+                out, grads = step()
+                graph = step.get_concrete_function().graph
+            where = f"xla={compiles} training={training}"
+            assert out.dtype == dtype, where
+            np.testing.assert_allclose(tf.cast(out, tf.float32).numpy(), expected,
+                                       atol=tolerance * 4 * np.abs(expected).max(), rtol=0, err_msg=where)
+            for name, e, g in zip(("x", "gamma", "beta"), expected_grads, grads):
+                np.testing.assert_allclose(tf.cast(g, tf.float32).numpy(), e, atol=tolerance * 4 * np.abs(e).max(),
+                                           rtol=0, err_msg=f"{name} {where}")
+            calls = [op for op in graph.get_operations() if op.type in ("PartitionedCall", "StatefulPartitionedCall")]
+            assert len(calls) == (2 if compiles and training else 0), where  # forward and backward, compiled
 
 
 def test_layer_norm_is_layer_normalization_with_the_same_numbers_and_config():
@@ -670,7 +717,7 @@ def test_bfloat16_inference_on_a_cpu_limited_to_avx2():
 # ---- dispatch: which form runs on which device and CPU ------------------------------------------
 
 CPU_FORMS = {"jax": ("shifted_jax", "jax", "jax"), "torch": ("torch", "torch", "torch"),
-             "tensorflow": ("keras", "tensorflow", "keras")}
+             "tensorflow": ("keras", "tensorflow", "tensorflow")}
 
 
 def cpu_forms(backend, isa):
