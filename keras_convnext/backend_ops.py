@@ -389,31 +389,37 @@ def _after(x, *values):
 _SQRT_HALF, _INV_SQRT_2PI = 1.0 / math.sqrt(2.0), 1.0 / math.sqrt(2.0 * math.pi)
 
 
+def _at_least_float32(dtype):
+    """The dtype the XLA forms compute in: float32 for a half-precision map, the map's own otherwise (float64)."""
+    import tensorflow as tf
+
+    return tf.float32 if dtype in (tf.float16, tf.bfloat16) else dtype
+
+
 @functools.cache
 def xla_gelu_tensorflow():
     """(gelu, gelu_times): the erf GELU of a map and `upstream * gelu'(h)`, each compiled by XLA into one pass
-    over the map (in float32, rounded once for a half-precision map); None where this TensorFlow cannot.
+    over the map (in at least float32, rounded once for a half-precision map); None where this TensorFlow cannot.
 
-    Keras's "auto" runs TensorFlow's CPU graph without XLA, op by op: the GELU is four ops and its derivative
-    times the upstream gradient nine, each a pass over a 4C-wide map and, in bfloat16, each rounded. Wherever
-    grappler can fuse the GELU into its MatMul (inference: oneDNN's GELU post-op) the plain op stays; in
-    training it cannot, the gradient needing the GELU's input, and these run instead: on the stage-0 hidden map
-    (50,176 x 384) the GELU 88 -> 15 ms in bfloat16 and 45 -> 18 ms in float32, the gradient's elementwise part
-    67 -> 38 and 84 -> 42 ms (AMD EPYC, AVX-512 BF16; docs/performance.md). XLA's erf agrees with TensorFlow's
-    to float32 rounding. Checked once, on a tiny map: a TensorFlow built without XLA's CPU JIT keeps the ops.
+    Keras's "auto" runs TensorFlow's CPU graph without XLA, op by op: the GELU is five ops and its derivative
+    times the upstream gradient nine, each a pass over a 4C-wide map and, in bfloat16, each rounded. Used only
+    in training (the layer's `training`; docs/performance.md has the effect): at inference, and so in every
+    graph traced for export, TensorFlow's ops stay, and grappler fuses the GELU into the MatMul before it.
+    Checked once, on a tiny map: a TensorFlow built without XLA's CPU JIT keeps the ops.
     """
     import tensorflow as tf
 
     def gelu(h):
-        h32 = tf.cast(h, tf.float32)
+        h32 = tf.cast(h, _at_least_float32(h.dtype))
         return tf.cast(h32 * (0.5 * (1.0 + tf.math.erf(h32 * _SQRT_HALF))), h.dtype)
 
     def gelu_times(upstream, h):
-        h32 = tf.cast(h, tf.float32)
+        h32 = tf.cast(h, _at_least_float32(h.dtype))
         slope = 0.5 * (1.0 + tf.math.erf(h32 * _SQRT_HALF)) + h32 * tf.exp(-0.5 * h32 * h32) * _INV_SQRT_2PI
-        return tf.cast(tf.cast(upstream, tf.float32) * slope, upstream.dtype)
+        return tf.cast(tf.cast(upstream, h32.dtype) * slope, upstream.dtype)
 
-    compiled = tf.function(gelu, jit_compile=True), tf.function(gelu_times, jit_compile=True)
+    # reduce_retracing: one trace for every map shape when called eagerly (XLA compiles per shape anyway).
+    compiled = tuple(tf.function(f, jit_compile=True, reduce_retracing=True) for f in (gelu, gelu_times))
     try:
         with tf.init_scope():  # eager, also when first asked inside a traced step
             probe = tf.constant([-1.0, 0.5])
@@ -423,11 +429,11 @@ def xla_gelu_tensorflow():
     return compiled
 
 
-def _gelu_slope_tensorflow(upstream, h):
-    """upstream * GELU'(h): XLA's one pass where it compiles, else TensorFlow's ops (in h's dtype)."""
+def _gelu_slope_tensorflow(upstream, h, training):
+    """upstream * GELU'(h): XLA's one pass in training where it compiles, else TensorFlow's ops (in h's dtype)."""
     import tensorflow as tf
 
-    xla = xla_gelu_tensorflow()
+    xla = xla_gelu_tensorflow() if training else None
     if xla:
         return xla[1](upstream, h)
     cdf = 0.5 * (1.0 + tf.math.erf(h * _SQRT_HALF))
@@ -447,11 +453,13 @@ def _gelu_tensorflow(y, training=None):
     import tensorflow as tf
 
     # tf.nn.gelu(approximate=False) is five ops whose gradients keep four 4C-wide maps; this
-    # keeps only the input and recomputes Phi and phi in the backward pass.
+    # keeps only the input and recomputes Phi and phi in the backward pass. The forms (XLA's in
+    # training) are chosen when the forward is traced, so a graph traced for inference, an export's,
+    # holds no XLA function in its gradient either.
     @tf.custom_gradient
     def gelu(y):
         def grad(upstream):
-            return _gelu_slope_tensorflow(upstream, y)
+            return _gelu_slope_tensorflow(upstream, y, training)
 
         return _gelu_forward_tensorflow(y, training), grad
 
@@ -495,7 +503,8 @@ def dense(x, kernel, bias, gelu=False, formulation=None, training=None):
     """x @ kernel + bias over the last axis, then exact (erf) GELU if `gelu`.
 
     `training` (the layer's) says whether a gradient is likely; only TensorFlow's form reads it, to choose how
-    it computes the GELU (`xla_gelu_tensorflow`). The numbers do not depend on it.
+    it computes the GELU (`xla_gelu_tensorflow`): the same maths either way, to the rounding of a half-precision
+    map (XLA's rounds once, TensorFlow's ops after each op).
     """
     return DENSE_FORMULATIONS[formulation or forms_here(x.dtype)["dense"]](x, kernel, bias, gelu, training)
 
@@ -557,9 +566,9 @@ def mlp_jax(x, kernel1, bias1, kernel2, bias2, gamma, training=None):
 def mlp_tensorflow(x, kernel1, bias1, kernel2, bias2, gamma, training=None):
     # The same for TensorFlow: tf.matmul's gradient keeps GELU's output for pwconv2's kernel gradient, beside
     # the GELU's input that `_gelu_tensorflow` keeps. Here GELU -> pwconv2 has one gradient that keeps the
-    # input alone and recomputes the GELU and its slope from it (`xla_gelu_tensorflow` where XLA compiles).
-    # The forward ops are `dense_tensorflow`'s (2-D MatMul -> BiasAdd -> Gelu, then MatMul -> BiasAdd),
-    # reshaped once.
+    # input alone and recomputes the GELU and its slope from it (`xla_gelu_tensorflow` in training). The
+    # forward ops are `dense_tensorflow`'s (2-D MatMul -> BiasAdd, the GELU, then MatMul -> BiasAdd; at
+    # inference grappler fuses the first three), reshaped once.
     import tensorflow as tf
 
     kernel1, bias1, kernel2, bias2, gamma = _after(x, kernel1, bias1, kernel2, bias2, gamma)
@@ -576,8 +585,8 @@ def mlp_tensorflow(x, kernel1, bias1, kernel2, bias2, gamma, training=None):
             # its maps are kept until the backward pass (measured: no memory saved, docs/performance.md).
             with tf.control_dependencies([upstream]):
                 late = tf.identity(h)
-            d_kernel = tf.matmul(_gelu_forward_tensorflow(late, True), upstream, transpose_a=True)
-            d_h = _gelu_slope_tensorflow(tf.matmul(upstream, kernel, transpose_b=True), late)
+            d_kernel = tf.matmul(_gelu_forward_tensorflow(late, training), upstream, transpose_a=True)
+            d_h = _gelu_slope_tensorflow(tf.matmul(upstream, kernel, transpose_b=True), late, training)
             return d_h, d_kernel, tf.reduce_sum(upstream, axis=0)
 
         return tf.nn.bias_add(tf.matmul(_gelu_forward_tensorflow(h, training), kernel), bias), grad
@@ -644,19 +653,22 @@ def layer_norm_torch(x, gamma, beta, epsilon, training=None):
     return F.layer_norm(x, (x.shape[-1],), gamma, beta, epsilon)
 
 
-@functools.cache
 def xla_layer_norm_tensorflow(epsilon):
-    """(forward, backward) of LayerNorm over the last axis, each one XLA-compiled function (statistics in
-    float32; the backward recomputes them from the input); None where XLA cannot compile here.
+    """(forward, backward) of LayerNorm over the last axis, each one XLA-compiled function (statistics in at
+    least float32; the backward recomputes them from the input); None where XLA cannot compile here.
 
     Keras's LayerNorm on TensorFlow's CPU graph is about ten ops forward and twenty backward, each a pass over
     the map, and under a mixed policy its gradient keeps a float32 copy of the bfloat16 input. Only in training
     (`layer_norm_tensorflow`): at inference and in exported graphs Keras's ops stay.
     """
-    import tensorflow as tf
-
     if xla_gelu_tensorflow() is None:  # the same probe: this TensorFlow's XLA CPU JIT
         return None
+    return _compiled_layer_norm_tensorflow(float(epsilon))
+
+
+@functools.cache
+def _compiled_layer_norm_tensorflow(epsilon):
+    import tensorflow as tf
 
     def normalised(x32):
         centred = x32 - tf.reduce_mean(x32, -1, keepdims=True)
@@ -664,29 +676,32 @@ def xla_layer_norm_tensorflow(epsilon):
         return centred * inv, inv
 
     def forward(x, gamma, beta):
-        xhat, _ = normalised(tf.cast(x, tf.float32))
+        xhat, _ = normalised(tf.cast(x, gamma.dtype))
         return tf.cast(xhat * gamma + beta, x.dtype)
 
     def backward(x, gamma, upstream):
-        xhat, inv = normalised(tf.cast(x, tf.float32))
-        g = tf.cast(upstream, tf.float32)
+        xhat, inv = normalised(tf.cast(x, gamma.dtype))
+        g = tf.cast(upstream, gamma.dtype)
         gy = g * gamma
         dx = inv * (gy - tf.reduce_mean(gy, -1, keepdims=True) - xhat * tf.reduce_mean(gy * xhat, -1, keepdims=True))
-        axes = list(range(len(x.shape) - 1))
-        return tf.cast(dx, x.dtype), tf.reduce_sum(g * xhat, axes), tf.reduce_sum(g, axes)
+        rows = (-1, tf.shape(x)[-1])  # every axis but the channels', whatever the rank
+        return (tf.cast(dx, x.dtype), tf.reduce_sum(tf.reshape(g * xhat, rows), 0),
+                tf.reduce_sum(tf.reshape(g, rows), 0))
 
-    return tf.function(forward, jit_compile=True), tf.function(backward, jit_compile=True)
+    return tuple(tf.function(f, jit_compile=True, reduce_retracing=True) for f in (forward, backward))
 
 
 def layer_norm_tensorflow(x, gamma, beta, epsilon, training=None):
     # In training, forward and backward each one XLA-compiled pass (`xla_layer_norm_tensorflow`); otherwise,
     # and where XLA cannot compile, Keras's ops.
-    xla = xla_layer_norm_tensorflow(float(epsilon)) if training else None
+    xla = xla_layer_norm_tensorflow(epsilon) if training else None
     if xla is None:
         return layer_norm_keras(x, gamma, beta, epsilon)
     import tensorflow as tf
 
-    gamma, beta = (tf.cast(v, tf.float32) for v in _after(x, gamma, beta))
+    # gamma and beta in the statistics' dtype (float32 for a half-precision map); their gradients flow back
+    # through the casts to the variables' own dtype.
+    gamma, beta = (tf.cast(v, _at_least_float32(x.dtype)) for v in _after(x, gamma, beta))
 
     @tf.custom_gradient
     def norm(x, gamma, beta):
@@ -710,8 +725,8 @@ def layer_norm_formulations_for(backend=BACKEND):
 def layer_norm(x, gamma, beta, epsilon, formulation=None, training=None):
     """LayerNorm over the last axis, computed in at least float32, returned in x's dtype.
 
-    `training` (the layer's): TensorFlow's form compiles itself with XLA then (`xla_layer_norm_tensorflow`);
-    the numbers do not depend on it.
+    `training` (the layer's): TensorFlow's form compiles itself with XLA then (`xla_layer_norm_tensorflow`),
+    the same maths to a half-precision map's rounding.
     """
     name = formulation or forms_here(x.dtype)["layer_norm"]
     return LAYER_NORM_FORMULATIONS[name](x, gamma, beta, epsilon, training)

@@ -144,23 +144,13 @@ def _archive(model, size, crop_pct, with_bytes):
     return archive
 
 
-def _serving_options():
-    """SaveOptions for an inference export: no custom gradients. TensorFlow otherwise saves each custom
-    gradient's function, and the model's training forms hold XLA-compiled ones (`backend_ops.xla_gelu_tensorflow`),
-    which a server started without XLA (TF Serving's default) must not need; a serving export has no use for
-    gradients. A SavedModel is still differentiable (TensorFlow's gradients of the forward ops)."""
-    import tensorflow as tf
-
-    return tf.saved_model.SaveOptions(experimental_custom_gradients=False)
-
-
 def _write(model, out, format, size, crop_pct, scratch):
     """Writes the export at `out` (an empty folder for "saved_model", a file otherwise) in this process.
 
     `scratch` is a private work folder for intermediate files; its owner removes it.
     """
     if format == "saved_model":
-        _archive(model, size, crop_pct, with_bytes=True).write_out(out, options=_serving_options(), verbose=False)
+        _archive(model, size, crop_pct, with_bytes=True).write_out(out, verbose=False)
     elif format == "onnx":
         backend_ops.export_onnx(model, out, size)
     else:
@@ -171,7 +161,7 @@ def _write_litert(model, path, size, scratch):
     import tensorflow as tf
 
     saved = os.path.join(scratch, "litert_saved_model")
-    _archive(model, size, crop_pct=1.0, with_bytes=False).write_out(saved, options=_serving_options(), verbose=False)
+    _archive(model, size, crop_pct=1.0, with_bytes=False).write_out(saved, verbose=False)
     converter = tf.lite.TFLiteConverter.from_saved_model(saved)
     # Builtin ops only: a model that would need Flex (TF) ops fails here rather than on a phone.
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]

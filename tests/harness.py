@@ -147,6 +147,40 @@ def check_fast_forms_match_plain_forms(build):
         np.testing.assert_allclose(fast[key], plain[key], atol=1e-4 * scale, rtol=0, err_msg=key)
 
 
+def check_fast_forms_train_like_plain_forms(build, policy):
+    """Under a mixed policy, one SGD step (lr 1: every variable moves by its gradient) with the CPU forms and
+    with the plain Keras ops: the same gradients to the policy's rounding, every trainable variable reached.
+
+    The float32 check above covers every Keras pattern; this one covers what differs in half precision (the
+    forms' float32 statistics and products, XLA's passes in TensorFlow training, loss scaling in float16).
+    """
+    x, y = pixels(n=4), np.array([0, 1, 2, 1])
+
+    def step(model):
+        before = [numpy(v).copy() for v in model.trainable_variables]
+        model.compile(optimizer=keras.optimizers.SGD(learning_rate=1.0), loss="sparse_categorical_crossentropy")
+        model.fit(x, y, batch_size=4, epochs=1, verbose=0, shuffle=False)
+        return {v.path: b - numpy(v) for v, b in zip(model.trainable_variables, before)}
+
+    try:
+        keras.config.set_dtype_policy(policy)
+        fast_model = build(include_top=True, classes=3, input_shape=(SIZE, SIZE, 3))
+        weights = fast_model.get_weights()
+        fast = step(fast_model)
+        with plain_forms():
+            plain_model = build(include_top=True, classes=3, input_shape=(SIZE, SIZE, 3))
+            plain_model.set_weights(weights)
+            plain = step(plain_model)
+    finally:
+        keras.config.set_dtype_policy("float32")
+    assert fast.keys() == plain.keys() and len(fast) > 6
+    for key in fast:
+        assert np.abs(plain[key]).max() > 0, key
+        scale = float(np.abs(plain[key]).max())
+        # bfloat16 keeps 8 bits: a wrong formula is off by far more than the two forms' roundings
+        np.testing.assert_allclose(fast[key], plain[key], atol=0.1 * scale, rtol=0, err_msg=f"{policy} {key}")
+
+
 def check_clone_model(build):
     """clone_model rebuilds the same graph with fresh variables; with the weights copied, the same numbers."""
     model = build(include_top=True, classes=4, input_shape=(SIZE, SIZE, 3))

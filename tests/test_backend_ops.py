@@ -1,5 +1,6 @@
 """Every depthwise-conv formulation gives the same numbers on the current backend."""
 
+import itertools
 import os
 
 import keras
@@ -417,13 +418,14 @@ def tf_checks_of_the_mlp_in_a_graph(inputs, upstream, expected_grads):
             ops = graph.get_operations()
             calls = [op for op in ops if op.type in ("PartitionedCall", "StatefulPartitionedCall")]
             forward = [op for op in ops if op.type == "Erfc"]  # tf.nn.gelu's
+            xla = compiles and training  # XLA's forms only in training: a graph traced for inference has none
             # The backward's GELU and slope (XLA's two calls, or the ops' Erf) read an Identity of h that has a
             # control input, the upstream gradient: TensorFlow would otherwise run them, and keep their maps,
             # during the forward pass.
-            recomputed = calls[-2:] if compiles else [op for op in ops if op.type == "Erf"]
-            assert len(calls) == (3 if compiles and training else 2 if compiles else 0), [op.type for op in calls]
-            if compiles:  # the forward's GELU: XLA's for training, else the op grappler fuses into the MatMul
-                assert len(forward) == (0 if training else 1), training
+            recomputed = calls[-2:] if xla else [op for op in ops if op.type == "Erf"]
+            assert len(calls) == (3 if xla else 0), [op.type for op in calls]
+            if xla:  # the forward's GELU too
+                assert not forward
             else:  # one forward, one recomputed for pwconv2's kernel gradient
                 assert sorted(_reads_a_late_identity(op) for op in forward) == [False, True]
             assert recomputed and all(_reads_a_late_identity(op) for op in recomputed), [
@@ -431,9 +433,12 @@ def tf_checks_of_the_mlp_in_a_graph(inputs, upstream, expected_grads):
 
 
 def _reads_a_late_identity(op, depth=3):
-    """Whether `op` reads, directly or up to `depth` - 1 ops up, an Identity with a control input."""
-    return any((t.op.type == "Identity" and t.op.control_inputs) or (depth > 1 and _reads_a_late_identity(t.op, depth - 1))
-               for t in op.inputs)
+    """Whether `op` reads, directly or up to `depth` - 1 ops up, the recomputation's Identity of h: an Identity of
+    pwconv1's BiasAdd with a control input (not `_after`'s identities of the variables)."""
+    def late(t):
+        return t.op.type == "Identity" and t.op.control_inputs and t.op.inputs[0].op.type == "BiasAdd"
+
+    return any(late(t) or (depth > 1 and _reads_a_late_identity(t.op, depth - 1)) for t in op.inputs)
 
 
 @pytest.mark.parametrize("policy, path", [
@@ -586,38 +591,64 @@ def test_tensorflow_layer_norm_in_training_is_xla_with_the_plain_numbers_or_kera
     upstream = np.random.default_rng(9).standard_normal(x.shape).astype("float32")
     xs = tf.cast(x, dtype)
     ref_x = tf.cast(xs, "float64").numpy()
-    expected = layer_norm_reference(ref_x, gamma, beta, 1e-6)
-    mean = ref_x.mean(-1, keepdims=True)
-    inv = 1 / np.sqrt(((ref_x - mean) ** 2).mean(-1, keepdims=True) + 1e-6)
-    xhat, gy = (ref_x - mean) * inv, upstream * gamma
-    expected_grads = (inv * (gy - gy.mean(-1, keepdims=True) - xhat * (gy * xhat).mean(-1, keepdims=True)),
-                      (upstream * xhat).sum((0, 1, 2)), upstream.sum((0, 1, 2)))
     tolerance = 1e-5 if dtype == "float32" else 0.02
-    for compiles in (True, False):
-        for training in (True, None):
-            variables = [tf.Variable(xs), tf.Variable(gamma), tf.Variable(beta)]
+    # epsilon 1e-6 (ConvNeXt's) and 4, of the order of the inputs' variance (9): a form that drops it, or
+    # compiles one epsilon for another, fails the second
+    for compiles, training, epsilon in itertools.product((True, False), (True, None), (1e-6, 4.0)):
+        expected = layer_norm_reference(ref_x, gamma, beta, epsilon)
+        mean = ref_x.mean(-1, keepdims=True)
+        inv = 1 / np.sqrt(((ref_x - mean) ** 2).mean(-1, keepdims=True) + epsilon)
+        xhat, gy = (ref_x - mean) * inv, upstream * gamma
+        expected_grads = (inv * (gy - gy.mean(-1, keepdims=True) - xhat * (gy * xhat).mean(-1, keepdims=True)),
+                          (upstream * xhat).sum((0, 1, 2)), upstream.sum((0, 1, 2)))
+        variables = [tf.Variable(xs), tf.Variable(gamma), tf.Variable(beta)]
 
-            @tf.function
-            def step():
-                with tf.GradientTape() as tape:
-                    out = backend_ops.layer_norm(*variables, 1e-6, "tensorflow", training=training)
-                    loss = tf.reduce_sum(tf.cast(out, tf.float32) * upstream)
-                return out, tape.gradient(loss, variables)
+        @tf.function
+        def step():
+            with tf.GradientTape() as tape:
+                out = backend_ops.layer_norm(*variables, epsilon, "tensorflow", training=training)
+                loss = tf.reduce_sum(tf.cast(out, tf.float32) * upstream)
+            return out, tape.gradient(loss, variables)
 
-            with pytest.MonkeyPatch.context() as patch:
-                if not compiles:
-                    patch.setattr(backend_ops, "xla_layer_norm_tensorflow", lambda epsilon: None)
-                out, grads = step()
-                graph = step.get_concrete_function().graph
-            where = f"xla={compiles} training={training}"
-            assert out.dtype == dtype, where
-            np.testing.assert_allclose(tf.cast(out, tf.float32).numpy(), expected,
-                                       atol=tolerance * 4 * np.abs(expected).max(), rtol=0, err_msg=where)
-            for name, e, g in zip(("x", "gamma", "beta"), expected_grads, grads):
-                np.testing.assert_allclose(tf.cast(g, tf.float32).numpy(), e, atol=tolerance * 4 * np.abs(e).max(),
-                                           rtol=0, err_msg=f"{name} {where}")
-            calls = [op for op in graph.get_operations() if op.type in ("PartitionedCall", "StatefulPartitionedCall")]
-            assert len(calls) == (2 if compiles and training else 0), where  # forward and backward, compiled
+        with pytest.MonkeyPatch.context() as patch:
+            if not compiles:  # what a TensorFlow without XLA's CPU JIT runs: the probe says None
+                patch.setattr(backend_ops, "xla_gelu_tensorflow", lambda: None)
+            out, grads = step()
+            graph = step.get_concrete_function().graph
+        where = f"xla={compiles} training={training} epsilon={epsilon}"
+        assert out.dtype == dtype, where
+        np.testing.assert_allclose(tf.cast(out, tf.float32).numpy(), expected,
+                                   atol=tolerance * 4 * np.abs(expected).max(), rtol=0, err_msg=where)
+        for name, e, g in zip(("x", "gamma", "beta"), expected_grads, grads):
+            np.testing.assert_allclose(tf.cast(g, tf.float32).numpy(), e, atol=tolerance * 4 * np.abs(e).max(),
+                                       rtol=0, err_msg=f"{name} {where}")
+        calls = [op for op in graph.get_operations() if op.type in ("PartitionedCall", "StatefulPartitionedCall")]
+        assert len(calls) == (2 if compiles and training else 0), where  # forward and backward, compiled
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TensorFlow's LayerNorm form")
+def test_tensorflow_layer_norm_in_training_takes_maps_of_any_shape_and_rank():
+    # The compiled functions are traced with reduce_retracing, so after a few shapes TensorFlow traces them for
+    # an unknown shape, even an unknown rank: the gradient's sums must not need the rank (a bfloat16 ConvNeXt-T
+    # step failed on that once).
+    import tensorflow as tf
+
+    rng = np.random.default_rng(10)
+    for shape in [(5, 8), (2, 5, 8), (2, 3, 5, 8), (4, 3, 3, 8), (1, 2, 2, 2, 8), (3, 8), (2, 7, 8)]:
+        x = tf.constant(rng.standard_normal(shape).astype("float32"))
+        gamma, beta = tf.Variable(rng.standard_normal(8).astype("float32")), tf.Variable(np.zeros(8, "float32"))
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            out = backend_ops.layer_norm(x, gamma, beta, 1e-6, "tensorflow", training=True)
+            loss = tf.reduce_sum(out * out)
+        dx, dgamma = tape.gradient(loss, [x, gamma])
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            plain = backend_ops.layer_norm(x, gamma, beta, 1e-6, "keras")
+            loss = tf.reduce_sum(plain * plain)
+        plain_dx, plain_dgamma = tape.gradient(loss, [x, gamma])
+        for got, want in ((out, plain), (dx, plain_dx), (dgamma, plain_dgamma)):
+            np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-4, rtol=1e-4, err_msg=str(shape))
 
 
 def test_layer_norm_is_layer_normalization_with_the_same_numbers_and_config():

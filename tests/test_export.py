@@ -67,8 +67,8 @@ def test_saved_model_in_a_fresh_tensorflow_only_process(exported, tmp_path):
     model, folder, paths, pixels = exported
     assert paths["saved_model"] == str(folder / "serving" / "1")
     assert os.path.isfile(folder / "serving" / "1" / "saved_model.pb")
-    # No XLA-compiled function in the file (TF Serving runs without XLA by default): the custom gradients, whose
-    # training forms hold them (backend_ops.xla_gelu_tensorflow), are not saved into a serving export.
+    # No XLA-compiled function in the file (TF Serving runs without XLA by default): TensorFlow's XLA forms run only
+    # in training (backend_ops.xla_gelu_tensorflow), and an export, custom gradients included, is traced for inference.
     assert b"_XlaMustCompile" not in (folder / "serving" / "1" / "saved_model.pb").read_bytes()
     np.save(tmp_path / "pixels.npy", pixels)
     files = [str(folder / "cat.png"), str(folder / "cat.jpg")]

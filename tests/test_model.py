@@ -709,6 +709,12 @@ def test_harness_fast_forms_match_the_plain_keras_ops(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+def test_harness_fast_forms_train_like_the_plain_keras_ops_in_mixed_precision(family, policy):
+    harness.check_fast_forms_train_like_plain_forms(FAMILIES[family][0], policy)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_harness_mixed_precision(family):
     harness.check_mixed_precision(FAMILIES[family][0])
 
