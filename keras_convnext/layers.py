@@ -257,7 +257,8 @@ class LayerNorm(keras.layers.LayerNormalization):
 
     The same variables, config and numbers; with the default last axis, centring and scaling,
     the call goes through `backend_ops.layer_norm` (rematerialised under JAX's autodiff, mixed
-    bfloat16/float32 in one PyTorch kernel). Any other configuration is the parent's own call.
+    bfloat16/float32 in one PyTorch kernel, XLA-compiled in TensorFlow training). Any other
+    configuration is the parent's own call.
     """
 
     def call(self, inputs, training=None):
