@@ -113,6 +113,25 @@ def plain_forms():
         hardware.detect = real
 
 
+def sgd_step_moves(model, x, y):
+    """{variable path: how far one SGD step (lr 1) moved it}: the gradient of every trainable variable."""
+    before = [numpy(v).copy() for v in model.trainable_variables]
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=1.0), loss="sparse_categorical_crossentropy")
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0, shuffle=False)
+    return {v.path: b - numpy(v) for v, b in zip(model.trainable_variables, before)}
+
+
+def fast_and_plain(build, numbers, input_shape):
+    """numbers(model) for a model with the CPU forms and for one with the same weights and the plain Keras ops."""
+    fast_model = build(include_top=True, classes=3, input_shape=input_shape)
+    weights = fast_model.get_weights()
+    fast = numbers(fast_model)
+    with plain_forms():
+        plain_model = build(include_top=True, classes=3, input_shape=input_shape)
+        plain_model.set_weights(weights)
+        return fast, numbers(plain_model)
+
+
 def check_fast_forms_match_plain_forms(build):
     """The CPU forms (backend_ops.DISPATCH) give the plain Keras ops' numbers and gradients in every pattern.
 
@@ -128,19 +147,10 @@ def check_fast_forms_match_plain_forms(build):
         out["sequential"] = keras.Sequential([keras.Input((SIZE, SIZE, 3)), model]).predict(x, verbose=0)
         timed = keras.Sequential([keras.Input((2, SIZE, SIZE, 3)), keras.layers.TimeDistributed(model)])
         out["time_distributed"] = timed.predict(np.stack([x, x[::-1]], axis=1), verbose=0)
-        before = [numpy(v).copy() for v in model.trainable_variables]
-        model.compile(optimizer=keras.optimizers.SGD(learning_rate=1.0), loss="sparse_categorical_crossentropy")
-        model.fit(x, y, batch_size=4, epochs=1, verbose=0, shuffle=False)
-        out.update({f"gradient of {v.path}": b - numpy(v) for v, b in zip(model.trainable_variables, before)})
+        out.update({f"gradient of {path}": moved for path, moved in sgd_step_moves(model, x, y).items()})
         return out
 
-    fast_model = build(include_top=True, classes=3, input_shape=(None, None, 3))
-    weights = fast_model.get_weights()
-    fast = numbers(fast_model)
-    with plain_forms():
-        plain_model = build(include_top=True, classes=3, input_shape=(None, None, 3))
-        plain_model.set_weights(weights)
-        plain = numbers(plain_model)
+    fast, plain = fast_and_plain(build, numbers, (None, None, 3))
     assert fast.keys() == plain.keys() and len(fast) > 6
     for key in fast:
         scale = max(1.0, float(np.abs(plain[key]).max()))
@@ -155,22 +165,9 @@ def check_fast_forms_train_like_plain_forms(build, policy):
     forms' float32 statistics and products, XLA's passes in TensorFlow training, loss scaling in float16).
     """
     x, y = pixels(n=4), np.array([0, 1, 2, 1])
-
-    def step(model):
-        before = [numpy(v).copy() for v in model.trainable_variables]
-        model.compile(optimizer=keras.optimizers.SGD(learning_rate=1.0), loss="sparse_categorical_crossentropy")
-        model.fit(x, y, batch_size=4, epochs=1, verbose=0, shuffle=False)
-        return {v.path: b - numpy(v) for v, b in zip(model.trainable_variables, before)}
-
     try:
         keras.config.set_dtype_policy(policy)
-        fast_model = build(include_top=True, classes=3, input_shape=(SIZE, SIZE, 3))
-        weights = fast_model.get_weights()
-        fast = step(fast_model)
-        with plain_forms():
-            plain_model = build(include_top=True, classes=3, input_shape=(SIZE, SIZE, 3))
-            plain_model.set_weights(weights)
-            plain = step(plain_model)
+        fast, plain = fast_and_plain(build, lambda model: sgd_step_moves(model, x, y), (SIZE, SIZE, 3))
     finally:
         keras.config.set_dtype_policy("float32")
     assert fast.keys() == plain.keys() and len(fast) > 6
