@@ -466,6 +466,29 @@ def _gelu_tensorflow(y, training=None):
     return gelu(y)
 
 
+def _bias_add_tensorflow(y, bias):
+    """tf.nn.bias_add of a 2-D map, with a bias gradient summed by reduce_sum for a bfloat16 map.
+
+    TensorFlow's BiasAddGrad accumulates a bfloat16 gradient in bfloat16: for 50,176 rows (ConvNeXt-T's stage 0
+    at batch 16) of values near 3 its sums were off by 99% of their size, reduce_sum's by 0.3% (its final
+    rounding). The forward op is the same BiasAdd, which grappler still fuses into the MatMul before it and
+    the GELU after (measured: 25.4 against 25.1 ms on the stage-0 pwconv1 in bfloat16).
+    """
+    import tensorflow as tf
+
+    if y.dtype != tf.bfloat16:
+        return tf.nn.bias_add(y, bias)
+
+    @tf.custom_gradient
+    def bias_add(y, bias):
+        def grad(upstream):
+            return upstream, tf.reduce_sum(upstream, axis=0)
+
+        return tf.nn.bias_add(y, bias), grad
+
+    return bias_add(y, bias)
+
+
 def dense_tensorflow(x, kernel, bias, gelu, training=None):
     # Keras's Dense on a 4-D map is tensordot (reshape, MatMul, reshape), then AddV2 and GELU's
     # five ops: the reshape between MatMul and the add keeps grappler from fusing them. A 2-D
@@ -475,7 +498,7 @@ def dense_tensorflow(x, kernel, bias, gelu, training=None):
 
     kernel, bias = (tf.cast(v, x.dtype) for v in _after(x, kernel, bias))
     shape = tf.shape(x)
-    y = tf.nn.bias_add(tf.matmul(tf.reshape(x, (-1, x.shape[-1])), kernel), bias)
+    y = _bias_add_tensorflow(tf.matmul(tf.reshape(x, (-1, x.shape[-1])), kernel), bias)
     if gelu:
         y = _gelu_tensorflow(y, training)
     return tf.reshape(y, tf.concat([shape[:-1], [kernel.shape[-1]]], axis=0))
@@ -548,34 +571,82 @@ def dense_scaled(x, kernel, bias, gamma):
 # A block's MLP with only pwconv1's output kept for the backward pass.
 
 
-def mlp_jax(x, kernel1, bias1, kernel2, bias2, gamma, training=None):
+def mlp_jax(x, kernel1, bias1, kernel2, bias2, gamma, training=None, norm=None):
     # Autodiff keeps GELU's output for pwconv2's kernel gradient beside GELU's input for its own: two
     # 4C-wide maps per block. Rematerialised together (jax.checkpoint), GELU and pwconv2 keep only their
     # input, and the backward pass recomputes the GELU from it, erf being recomputed there already
-    # (`dense_jax`).
+    # (`dense_jax`). With `norm`, LayerNorm and pwconv1 are rematerialised together likewise: pwconv1's
+    # kernel gradient needs LayerNorm's output, which the backward pass recomputes from LayerNorm's input
+    # (kept for LayerNorm's own gradient anyway), so one C-wide map per block less is kept.
     import jax
     from keras import ops
 
     kernel2, bias2, scale = _fold(kernel2, bias2, gamma, x.dtype)
     kernel2, bias2 = ops.convert_to_tensor(kernel2), ops.convert_to_tensor(bias2)  # arrays, not Keras variables
-    hidden = dense_jax(x, kernel1, bias1, False)
+    if norm is None:
+        hidden = dense_jax(x, kernel1, bias1, False)
+    else:
+        ln_gamma, ln_beta, epsilon = norm
+
+        def norm_dense(x, ln_gamma, ln_beta, kernel, bias):
+            normed = ops.layer_normalization(x, ln_gamma, ln_beta, -1, epsilon).astype(x.dtype)
+            return dense_jax(normed, kernel, bias, False)
+
+        hidden = jax.checkpoint(norm_dense)(x, *(ops.convert_to_tensor(v) for v in (ln_gamma, ln_beta, kernel1,
+                                                                                     bias1)))
     y = jax.checkpoint(lambda h, k, b: dense_jax(_exact_gelu(h), k, b, False))(hidden, kernel2, bias2)
     return y if scale is None else y * ops.cast(scale, y.dtype)
 
 
-def mlp_tensorflow(x, kernel1, bias1, kernel2, bias2, gamma, training=None):
+def _norm_dense_tensorflow(x, ln_gamma, ln_beta, epsilon, kernel, bias, training):
+    """LayerNorm(x) @ kernel + bias as a 2-D (rows, units) map, with one gradient that keeps x alone and
+    recomputes LayerNorm's output from it after the upstream gradient arrives; None outside training or
+    where XLA cannot compile (`xla_layer_norm_tensorflow`). `kernel` and `bias` in x's dtype."""
+    xla = xla_layer_norm_tensorflow(epsilon) if training else None
+    if xla is None:
+        return None
+    import tensorflow as tf
+
+    ln_gamma, ln_beta = (tf.cast(v, _at_least_float32(x.dtype)) for v in (ln_gamma, ln_beta))
+    shape, channels = tf.shape(x), x.shape[-1]
+
+    @tf.custom_gradient
+    def norm_dense(x, ln_gamma, ln_beta, kernel, bias):
+        def grad(upstream):
+            with tf.control_dependencies([upstream]):  # recomputed in the backward pass, not kept (mlp_tensorflow)
+                late = tf.identity(x)
+            d_normed = tf.reshape(tf.matmul(upstream, kernel, transpose_b=True), shape)
+            normed = tf.reshape(xla[0](late, ln_gamma, ln_beta), (-1, channels))
+            d_kernel = tf.matmul(normed, upstream, transpose_a=True)
+            return (*xla[1](late, ln_gamma, d_normed), d_kernel, tf.reduce_sum(upstream, axis=0))
+
+        normed = tf.reshape(xla[0](x, ln_gamma, ln_beta), (-1, channels))
+        return tf.nn.bias_add(tf.matmul(normed, kernel), bias), grad
+
+    return norm_dense(x, ln_gamma, ln_beta, kernel, bias)
+
+
+def mlp_tensorflow(x, kernel1, bias1, kernel2, bias2, gamma, training=None, norm=None):
     # The same for TensorFlow: tf.matmul's gradient keeps GELU's output for pwconv2's kernel gradient, beside
     # the GELU's input that `_gelu_tensorflow` keeps. Here GELU -> pwconv2 has one gradient that keeps the
     # input alone and recomputes the GELU and its slope from it (`xla_gelu_tensorflow` in training). The
     # forward ops are `dense_tensorflow`'s (2-D MatMul -> BiasAdd, the GELU, then MatMul -> BiasAdd; at
-    # inference grappler fuses the first three), reshaped once.
+    # inference grappler fuses the first three), reshaped once. With `norm`, LayerNorm and pwconv1 too have one
+    # gradient, which keeps LayerNorm's input alone (`_norm_dense_tensorflow`, only in training: None otherwise).
     import tensorflow as tf
 
-    kernel1, bias1, kernel2, bias2, gamma = _after(x, kernel1, bias1, kernel2, bias2, gamma)
+    ln_gamma, ln_beta, epsilon = norm or (None, None, None)
+    kernel1, bias1, kernel2, bias2, gamma, ln_gamma, ln_beta = _after(x, kernel1, bias1, kernel2, bias2, gamma,
+                                                                      ln_gamma, ln_beta)
     kernel2, bias2, scale = _fold(kernel2, bias2, gamma, x.dtype)
     kernel1, bias1, kernel2, bias2 = (tf.cast(v, x.dtype) for v in (kernel1, bias1, kernel2, bias2))
     shape = tf.shape(x)
-    hidden = tf.nn.bias_add(tf.matmul(tf.reshape(x, (-1, x.shape[-1])), kernel1), bias1)
+    if norm is None:
+        hidden = _bias_add_tensorflow(tf.matmul(tf.reshape(x, (-1, x.shape[-1])), kernel1), bias1)
+    else:
+        hidden = _norm_dense_tensorflow(x, ln_gamma, ln_beta, epsilon, kernel1, bias1, training)
+        if hidden is None:
+            return None
 
     @tf.custom_gradient
     def gelu_dense(h, kernel, bias):
@@ -601,14 +672,17 @@ def mlp_tensorflow(x, kernel1, bias1, kernel2, bias2, gamma, training=None):
 MLP_REMAT_FORMULATIONS = {"jax": mlp_jax, "tensorflow": mlp_tensorflow}
 
 
-def mlp(x, kernel1, bias1, kernel2, bias2, gamma=None, training=None):
+def mlp(x, kernel1, bias1, kernel2, bias2, gamma=None, training=None, norm=None):
     """(gelu(x @ kernel1 + bias1) @ kernel2 + bias2) * gamma, keeping only the hidden map for the gradient; or None.
 
     The same numbers as pwconv1 (with its GELU), pwconv2 and the layer scale step by step (the scale folded
-    into pwconv2 as `dense_scaled`); None where the dispatched dense form has no such form.
+    into pwconv2 as `dense_scaled`); None where the dispatched dense form has no such form. With `norm`, a
+    LayerNorm's (gamma, beta, epsilon) over the last axis, `x` is first normalised (`layer_norm`'s maths), and
+    the gradient keeps LayerNorm's input instead of its output as well: one C-wide map per block less. None
+    where there is no such form (TensorFlow: outside training, or without XLA): normalise, then call it again.
     """
     form = MLP_REMAT_FORMULATIONS.get(forms_here(x.dtype)["dense"])
-    return form(x, kernel1, bias1, kernel2, bias2, gamma, training) if form else None
+    return form(x, kernel1, bias1, kernel2, bias2, gamma, training, norm) if form else None
 
 
 # A block's tail fused: only where a backend has a fused form (eager PyTorch inference); under

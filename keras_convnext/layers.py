@@ -261,9 +261,19 @@ class LayerNorm(keras.layers.LayerNormalization):
     configuration is the parent's own call.
     """
 
+    def _over_channels(self, inputs):
+        """The default last axis, centring and scaling: what `backend_ops.layer_norm` computes."""
+        return self.axis in (-1, [-1], len(inputs.shape) - 1, [len(inputs.shape) - 1]) and (
+            self.center and self.scale) and not self.rms_scaling
+
+    def _fusable(self, inputs):
+        """`_over_channels`, this class's own call and `inputs` in the compute dtype: what a block's fused
+        LayerNorm -> MLP form (`backend_ops.mlp` with `norm`) computes in its place."""
+        return (self._over_channels(inputs) and type(self).call is LayerNorm.call
+                and keras.backend.standardize_dtype(inputs.dtype) == self.compute_dtype)
+
     def call(self, inputs, training=None):
-        if self.axis not in (-1, [-1], len(inputs.shape) - 1, [len(inputs.shape) - 1]) or not (
-                self.center and self.scale) or self.rms_scaling:
+        if not self._over_channels(inputs):
             return super().call(inputs)
         out = backend_ops.layer_norm(inputs, self.gamma, self.beta, self.epsilon, training=training)
         return keras.ops.cast(out, self.compute_dtype)
@@ -341,11 +351,12 @@ class ConvNeXtBlock(keras.layers.Layer):
     gradient, the MLP and the tail run in tiles of rows on an AVX2-only CPU in float32 (`backend_ops.block_mlp`: the
     4C-wide hidden map never whole) and the last three steps as one oneDNN GEMM on other CPUs
     (`PointwiseDense.scale_add`). On JAX's and TensorFlow's CPU forms, GELU and pwconv2 are
-    rematerialised together (`backend_ops.mlp`), so the gradient keeps one 4C-wide map per block.
+    rematerialised together (`backend_ops.mlp`), so the gradient keeps one 4C-wide map per block, and so are
+    LayerNorm and pwconv1 (on TensorFlow in training), so it keeps LayerNorm's input and not its output.
     Otherwise the layer scale is folded into pwconv2's kernel and bias on a CPU (`PointwiseDense.scaled`),
     and the residual added: the same numbers. These fused forms compute PointwiseDense's own maths, so they
-    run only where pwconv1 and pwconv2 are PointwiseDense with its own call: a subclass with a call of its
-    own, or another layer, put in their place runs as itself, step by step.
+    run only where pwconv1 and pwconv2 are PointwiseDense, and the norm LayerNorm, with their own call: a
+    subclass with a call of its own, or another layer, put in their place runs as itself, step by step.
 
     Args:
         dim: channels in and out.
@@ -409,10 +420,18 @@ class ConvNeXtBlock(keras.layers.Layer):
         only) nor, through the residual, the next block's dwconv. So `x` is zeroed before the GRN and the
         block's output is zeroed at the end.
         """
-        x = self.norm(self.dwconv(inputs))
+        x = self.dwconv(inputs)
+        plain = keep is None and self._plain_mlp(x)
+        if plain and isinstance(self.norm, LayerNorm) and self.norm._fusable(x):
+            # LayerNorm, MLP and layer scale with a gradient that keeps LayerNorm's input, not its output.
+            y = backend_ops.mlp(x, self.pwconv1.kernel, self.pwconv1.bias, self.pwconv2.kernel, self.pwconv2.bias,
+                                self.gamma, training=training, norm=(self.norm.gamma, self.norm.beta,
+                                                                     self.norm.epsilon))
+            if y is not None:
+                return self._residual(inputs, y, training)
+        x = self.norm(x)
         # The fused inference forms: a layer scale, and no path to drop (a frozen block in training still drops it).
         fusable = self.gamma is not None and not (training and self.drop_path is not None)
-        plain = keep is None and self._plain_mlp(x)
         if plain and fusable:
             tiled = backend_ops.block_mlp(x, self.pwconv1.kernel, self.pwconv1.bias, self.pwconv2.kernel,
                                           self.pwconv2.bias, self.gamma, inputs)
@@ -422,9 +441,7 @@ class ConvNeXtBlock(keras.layers.Layer):
             y = backend_ops.mlp(x, self.pwconv1.kernel, self.pwconv1.bias, self.pwconv2.kernel, self.pwconv2.bias,
                                 self.gamma, training=training)
             if y is not None:
-                if self.drop_path is not None:
-                    y = self.drop_path(y, training=training)
-                return inputs + y
+                return self._residual(inputs, y, training)
         x = self.pwconv1(x)
         if keep is not None:
             keep = ops.cast(keep, x.dtype)
@@ -440,10 +457,13 @@ class ConvNeXtBlock(keras.layers.Layer):
             fused = self.pwconv2.scale_add(x, self.gamma, inputs) if _own_pointwise(self.pwconv2) else None
             if fused is not None:
                 return fused
-        x = self._pwconv2_scaled(x)
+        return self._residual(inputs, self._pwconv2_scaled(x), training)
+
+    def _residual(self, inputs, branch, training):
+        """inputs + the residual branch, after stochastic depth."""
         if self.drop_path is not None:
-            x = self.drop_path(x, training=training)
-        return inputs + x
+            branch = self.drop_path(branch, training=training)
+        return inputs + branch
 
     def _plain_mlp(self, x):
         """pwconv1 with its GELU, then pwconv2, both plain Dense maths in PointwiseDense's own call

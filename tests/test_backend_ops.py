@@ -317,7 +317,13 @@ def test_block_mlp_tiles_the_hidden_map_with_the_plain_numbers_only_where_it_can
 
 
 def _gradients_of_all(op, inputs, upstream):
-    """d(sum(upstream * op(*inputs))) / d(each input), float32 NumPy arrays (JAX or TensorFlow)."""
+    """d(sum(upstream * op(*inputs))) / d(each input), float32 NumPy arrays, in the backend's own autodiff."""
+    if keras.backend.backend() == "torch":
+        import torch
+
+        tensors = [torch.tensor(v, requires_grad=True) for v in inputs]
+        (op(*tensors).float() * torch.as_tensor(upstream)).sum().backward()
+        return [t.grad.float().numpy() for t in tensors]
     if keras.backend.backend() == "jax":
         import jax
 
@@ -390,6 +396,125 @@ def test_the_mlp_keeps_one_hidden_map_for_its_gradient_with_the_plain_numbers(is
     kept = capsys.readouterr().out.splitlines()
     maps = [line.split()[0] for line in kept if line.split()[0].count(",") == 3]  # 4-D residuals
     assert [m for m in maps if m.endswith(",24]")] == ["f32[2,5,7,24]"], kept
+
+
+NORM_NAMES = ("x", "ln_gamma", "ln_beta") + NAMES[1:]
+
+
+def _norm_mlp_inputs(seed=21):
+    x, ln_gamma, ln_beta = _norm_inputs(seed, shape=(2, 5, 7, 6))
+    return (x, ln_gamma, ln_beta) + _mlp_inputs(seed)[1:]
+
+
+def _norm_mlp(x, ln_gamma, ln_beta, *mlp_params, training=True):
+    return backend_ops.mlp(x, *mlp_params, training=training, norm=(ln_gamma, ln_beta, 1e-6))
+
+
+def _step_by_step_norm_mlp(x, ln_gamma, ln_beta, *mlp_params):
+    """LayerNorm, then the MLP, in Keras's own ops: the maths `mlp(..., norm=...)` computes at once."""
+    kernel1, bias1, kernel2, bias2, gamma = mlp_params
+    normed = backend_ops.layer_norm_keras(x, ln_gamma, ln_beta, 1e-6)
+    return backend_ops.dense_keras(backend_ops.dense_keras(normed, kernel1, bias1, True), kernel2, bias2,
+                                   False) * gamma
+
+
+@pytest.mark.parametrize("isa", ["avx2", "amx"])
+def test_the_normalised_mlp_keeps_layer_norms_input_alone_for_its_gradient_with_the_plain_numbers(isa, monkeypatch,
+                                                                                                  capsys):
+    # backend_ops.mlp with `norm`: LayerNorm and pwconv1 under one gradient (JAX: one jax.checkpoint; TensorFlow
+    # in training: one tf.custom_gradient of XLA's LayerNorm), so LayerNorm's output is recomputed, not kept.
+    fake_hardware(monkeypatch, "cpu", isa)
+    inputs = _norm_mlp_inputs()
+    upstream = np.random.default_rng(23).standard_normal((2, 5, 7, 6)).astype("float32")
+    tensors = [keras.ops.convert_to_tensor(v) for v in inputs]
+    backend = keras.backend.backend()
+    if backend == "torch":
+        assert _norm_mlp(*tensors) is None  # eager torch: step by step (the block normalises, then its MLP)
+        return
+    expected = keras.ops.convert_to_numpy(_step_by_step_norm_mlp(*tensors))
+    expected_grads = _gradients_of_all(_step_by_step_norm_mlp, inputs, upstream)
+    out = _norm_mlp(*tensors)
+    assert keras.backend.standardize_dtype(out.dtype) == "float32" and tuple(out.shape) == (2, 5, 7, 6)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(out), expected, atol=1e-5 * np.abs(expected).max(), rtol=0)
+    for name, e, g in zip(NORM_NAMES, expected_grads, _gradients_of_all(_norm_mlp, inputs, upstream)):
+        assert np.abs(e).max() > 0, name
+        np.testing.assert_allclose(g, e, atol=1e-5 * np.abs(e).max(), rtol=0, err_msg=name)
+    fake_hardware(monkeypatch, "gpu", "other")
+    assert _norm_mlp(*tensors) is None  # Keras's own ops there
+    fake_hardware(monkeypatch, "cpu", isa)
+    if backend == "tensorflow":
+        tf_checks_of_the_normalised_mlp_in_a_graph(inputs, upstream, expected_grads, monkeypatch)
+        return
+    # What the gradient keeps: of the C-wide maps, the input alone (LayerNorm's; pwconv1's is recomputed).
+    import jax
+
+    capsys.readouterr()
+    jax.ad_checkpoint.print_saved_residuals(lambda *a: _norm_mlp(*a).sum(), *tensors)
+    kept = capsys.readouterr().out.splitlines()
+    maps = [line for line in kept if line.split()[0].count(",") == 3]  # 4-D residuals
+    assert [m.split()[0] for m in maps if not m.split()[0].endswith(",24]")] == ["f32[2,5,7,6]"], kept
+    assert "argument" in [m for m in maps if not m.split()[0].endswith(",24]")][0], kept
+    assert [m.split()[0] for m in maps if m.split()[0].endswith(",24]")] == ["f32[2,5,7,24]"], kept
+
+
+def tf_checks_of_the_normalised_mlp_in_a_graph(inputs, upstream, expected_grads, monkeypatch):
+    """TensorFlow: in a tf.function, the training form's gradient with LayerNorm's output recomputed once the
+    upstream gradient is there; outside training, or without XLA, None (the block then normalises first)."""
+    import tensorflow as tf
+
+    variables = [tf.Variable(v) for v in inputs]
+
+    @tf.function
+    def step():
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(_norm_mlp(*variables) * upstream)
+        return tape.gradient(loss, variables)
+
+    for name, e, g in zip(NORM_NAMES, expected_grads, step()):
+        np.testing.assert_allclose(g.numpy(), e, atol=1e-5 * np.abs(e).max(), rtol=0, err_msg=name)
+    graph = step.get_concrete_function().graph
+    calls = [op for op in graph.get_operations() if op.type in ("PartitionedCall", "StatefulPartitionedCall")]
+    # Forward: LayerNorm, GELU; backward: GELU and slope (mlp_tensorflow), LayerNorm recomputed and its backward.
+    assert len(calls) == 6, [op.type for op in calls]
+    late = [op for op in calls if any(t.op.type == "Identity" and t.op.control_inputs
+                                      and t.op.inputs[0].op.type == "ReadVariableOp" for t in op.inputs)]
+    assert len(late) == 2, [(op.name, [t.op.type for t in op.inputs]) for op in calls]  # LayerNorm's two
+    assert _norm_mlp(*variables, training=None) is None  # inference: TensorFlow's ops, fused by grappler
+    monkeypatch.setattr(backend_ops, "xla_gelu_tensorflow", lambda: None)  # a TensorFlow without XLA's CPU JIT
+    assert _norm_mlp(*variables) is None
+
+
+@pytest.mark.parametrize("op", ["dense", "dense_gelu", "mlp", "norm_mlp"])
+def test_bias_gradients_of_a_bfloat16_map_are_summed_without_stalling(op):
+    # A bias's gradient sums a bfloat16 map over every row (50,176 at ConvNeXt-T's stage 0, batch 16).
+    # TensorFlow's BiasAddGrad accumulates it in bfloat16 and stalls: 42% off at 1,024 rows of values near 3,
+    # 99% at 50,176. Every form's sums are within bfloat16's rounding of the exact sum of the upstream.
+    rng = np.random.default_rng(29)
+    rows, channels = 8192, 4
+    x = (rng.standard_normal((1, rows, 1, channels)) * 0.1 + 5).astype("float32")  # GELU's slope 1 there
+    upstream = (rng.standard_normal((1, rows, 1, channels)) * 0.1 + 3).astype("float32")
+    kernel, bias = np.eye(channels, dtype="float32"), np.zeros(channels, "float32")
+    wide, narrow, wide_bias = np.tile(kernel, (1, 4)) * 0.25, np.tile(kernel, (4, 1)), np.zeros(4 * channels, "float32")
+    half = lambda t: keras.ops.cast(t, "bfloat16")  # noqa: E731
+
+    def forward(x, bias, *rest):
+        if op in ("dense", "dense_gelu"):
+            return backend_ops.dense(half(x), kernel, bias, gelu=op == "dense_gelu", training=True)
+        if op == "mlp":
+            out = backend_ops.mlp(half(x), wide, rest[0], narrow, bias, None, training=True)
+        else:
+            out = backend_ops.mlp(half(x), wide, rest[0], narrow, bias, None, training=True,
+                                  norm=(np.ones(channels, "float32"), np.zeros(channels, "float32"), 1e-6))
+        if out is None:  # eager torch: the block runs step by step, through `dense`
+            out = backend_ops.dense(backend_ops.dense(half(x), wide, rest[0], gelu=True), narrow, bias)
+        return out
+
+    grads = _gradients_of_all(forward, (x, bias) + ((wide_bias,) if op in ("mlp", "norm_mlp") else ()), upstream)
+    exact = keras.ops.convert_to_numpy(keras.ops.cast(half(upstream), "float32")).astype("float64").sum((0, 1, 2))
+    np.testing.assert_allclose(grads[1], exact, rtol=0.01, err_msg="the output bias")
+    assert np.abs(grads[0]).max() > 0
+    if op in ("mlp", "norm_mlp"):  # pwconv1's bias: upstream through pwconv2 and GELU's slope, summed
+        assert np.abs(grads[2]).min() > 0.25 * exact.max(), grads[2]
 
 
 def tf_checks_of_the_mlp_in_a_graph(inputs, upstream, expected_grads):

@@ -567,17 +567,22 @@ def test_the_layer_scale_folds_into_pwconv2_with_the_same_values_and_gradients(p
         np.testing.assert_allclose(g, plain, atol=tolerance * np.abs(plain).max(), rtol=0, err_msg=v.path)
 
 
-@pytest.mark.parametrize("which, kind", [("pwconv1", "subclass"), ("pwconv2", "subclass"), ("pwconv2", "dense")])
+@pytest.mark.parametrize("which, kind", [("pwconv1", "subclass"), ("pwconv2", "subclass"), ("pwconv2", "dense"),
+                                         ("norm", "subclass"), ("norm", "stock")])
 def test_a_block_runs_a_replaced_pointwise_layer_as_itself(which, kind, monkeypatch):
-    # The block's fused forms (backend_ops.mlp, torch's tiles on an AVX2 CPU, the layer scale folded into
-    # pwconv2, the fused tail) compute PointwiseDense's own maths: a subclass with a call of its own, or a
-    # stock Dense, put in a block must run as itself.
+    # The block's fused forms (backend_ops.mlp, with LayerNorm or without, torch's tiles on an AVX2 CPU, the layer
+    # scale folded into pwconv2, the fused tail) compute PointwiseDense's and LayerNorm's own maths: a subclass
+    # with a call of its own, or a stock Keras layer, put in a block must run as itself.
     from keras_convnext import backend_ops
-    from keras_convnext.layers import PointwiseDense
+    from keras_convnext.layers import LayerNorm, PointwiseDense
 
     class Doubled(PointwiseDense):
         def call(self, inputs):
             return super().call(inputs) * 2.0
+
+    class DoubledNorm(LayerNorm):
+        def call(self, inputs, training=None):
+            return super().call(inputs, training=training) * 2.0
 
     fake_hardware(monkeypatch, "cpu", "avx2")  # the row with the most fused forms on every backend
     x = np.random.default_rng(9).standard_normal((2, 8, 8, 16)).astype("float32")
@@ -585,8 +590,12 @@ def test_a_block_runs_a_replaced_pointwise_layer_as_itself(which, kind, monkeypa
     plain_out = keras.ops.convert_to_numpy(stock(x, training=False))
     block = kc.ConvNeXtBlock(16, 0.0, 0.5)
     old = getattr(block, which)
-    layer = Doubled if kind == "subclass" else keras.layers.Dense
-    setattr(block, which, layer(old.units, activation=old.activation, name=old.name))  # before the build
+    if which == "norm":
+        layer = DoubledNorm if kind == "subclass" else keras.layers.LayerNormalization
+        setattr(block, which, layer(epsilon=old.epsilon, name=old.name))  # before the build
+    else:
+        layer = Doubled if kind == "subclass" else keras.layers.Dense
+        setattr(block, which, layer(old.units, activation=old.activation, name=old.name))
     block.build(x.shape)
     for name in ("dwconv", "norm", "pwconv1", "pwconv2"):
         getattr(block, name).set_weights(getattr(stock, name).get_weights())
@@ -595,7 +604,14 @@ def test_a_block_runs_a_replaced_pointwise_layer_as_itself(which, kind, monkeypa
     fused = []
     for name in ("mlp", "block_mlp"):
         original = getattr(backend_ops, name)
-        monkeypatch.setattr(backend_ops, name, lambda *a, _f=original, _n=name: fused.append(_n) or _f(*a))
+
+        def counted(*a, _f=original, _n=name, **k):
+            out = _f(*a, **k)
+            if out is not None and (which != "norm" or k.get("norm") is not None):  # a replaced norm: only the
+                fused.append(_n)                                                  # MLP after it may fuse
+            return out
+
+        monkeypatch.setattr(backend_ops, name, counted)
     hidden = block.pwconv1(block.norm(block.dwconv(x)))
     expected = x + keras.ops.convert_to_numpy(block.pwconv2(hidden) * block.gamma)
     for training in (False, True):
@@ -604,7 +620,7 @@ def test_a_block_runs_a_replaced_pointwise_layer_as_itself(which, kind, monkeypa
     assert not fused, fused
     if kind == "subclass":  # the doubling shows in the output
         assert np.abs(out - plain_out).max() > 0.2 * np.abs(plain_out - x).max()
-    else:  # Dense's own maths are the same
+    else:  # a stock Dense's or LayerNormalization's own maths are the same
         np.testing.assert_allclose(out, plain_out, atol=1e-5, rtol=1e-5)
 
 
