@@ -604,7 +604,7 @@ def _norm_dense_tensorflow(x, ln_gamma, ln_beta, epsilon, kernel, bias, training
     where XLA cannot compile (`xla_layer_norm_tensorflow`). `kernel` and `bias` in x's dtype."""
     xla = xla_layer_norm_tensorflow(epsilon) if training else None
     if xla is None:
-        return None
+        return None  # (mlp_tensorflow has returned None before it got here)
     import tensorflow as tf
 
     ln_gamma, ln_beta = (tf.cast(v, _at_least_float32(x.dtype)) for v in (ln_gamma, ln_beta))
@@ -636,6 +636,8 @@ def mlp_tensorflow(x, kernel1, bias1, kernel2, bias2, gamma, training=None, norm
     import tensorflow as tf
 
     ln_gamma, ln_beta, epsilon = norm or (None, None, None)
+    if norm is not None and not (training and xla_layer_norm_tensorflow(epsilon)):
+        return None  # before any op: a traced graph would keep the unused reads and folds (and run them)
     kernel1, bias1, kernel2, bias2, gamma, ln_gamma, ln_beta = _after(x, kernel1, bias1, kernel2, bias2, gamma,
                                                                       ln_gamma, ln_beta)
     kernel2, bias2, scale = _fold(kernel2, bias2, gamma, x.dtype)

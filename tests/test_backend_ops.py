@@ -1,5 +1,6 @@
 """Every depthwise-conv formulation gives the same numbers on the current backend."""
 
+import collections
 import itertools
 import os
 
@@ -600,6 +601,11 @@ def test_a_traced_model_reads_each_pointwise_kernel_once_its_layer_input_is_ther
     reads = [op for op in graph.get_operations() if op.type == "ReadVariableOp"
              and op.inputs[0].op.name in by_placeholder]
     assert len({by_placeholder[op.inputs[0].op.name] for op in reads}) == len(kernels), (len(reads), len(kernels))
+    # Each read once: a form that gives up (the LayerNorm + MLP form outside training) must do so before reading
+    # (a graph keeps, and runs, reads nothing uses).
+    twice = [path for path, n in collections.Counter(by_placeholder[op.inputs[0].op.name] for op in reads).items()
+             if n > 1]
+    assert not twice, twice
     early = [by_placeholder[op.inputs[0].op.name] for op in reads if not op.control_inputs]
     assert not early, early
 
