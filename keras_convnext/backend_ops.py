@@ -577,9 +577,15 @@ def mlp_jax(x, kernel1, bias1, kernel2, bias2, gamma, training=None, norm=None):
     # input, and the backward pass recomputes the GELU from it, erf being recomputed there already
     # (`dense_jax`). With `norm`, LayerNorm and pwconv1 are rematerialised together likewise: pwconv1's
     # kernel gradient needs LayerNorm's output, which the backward pass recomputes from LayerNorm's input
-    # (kept for LayerNorm's own gradient anyway), so one C-wide map per block less is kept.
+    # (kept for LayerNorm's own gradient anyway), so one C-wide map per block less is kept. Only for a
+    # half-precision map: in float32 the recomputation cost 6% of a ConvNeXt-T step for 50-100 MB of its
+    # peak (three pairs, docs/performance.md), so None there (the block normalises, then calls again).
     import jax
+    import jax.numpy as jnp
     from keras import ops
+
+    if norm is not None and x.dtype == jnp.float32:
+        return None
 
     kernel2, bias2, scale = _fold(kernel2, bias2, gamma, x.dtype)
     kernel2, bias2 = ops.convert_to_tensor(kernel2), ops.convert_to_tensor(bias2)  # arrays, not Keras variables
