@@ -571,7 +571,7 @@ def dense_scaled(x, kernel, bias, gamma):
 # A block's MLP with only pwconv1's output kept for the backward pass.
 
 
-def mlp_jax(x, kernel1, bias1, kernel2, bias2, gamma, training=None, norm=None):
+def mlp_jax(x, kernel1, bias1, kernel2, bias2, gamma, training=None, norm=None, conv=None):
     # Autodiff keeps GELU's output for pwconv2's kernel gradient beside GELU's input for its own: two
     # 4C-wide maps per block. Rematerialised together (jax.checkpoint), GELU and pwconv2 keep only their
     # input, and the backward pass recomputes the GELU from it, erf being recomputed there already
@@ -584,8 +584,8 @@ def mlp_jax(x, kernel1, bias1, kernel2, bias2, gamma, training=None, norm=None):
     import jax.numpy as jnp
     from keras import ops
 
-    if norm is not None and x.dtype == jnp.float32:
-        return None
+    if (norm is not None and x.dtype == jnp.float32) or conv is not None:
+        return None  # (the depthwise conv recomputed too: 1,191 -> 1,171 MB of XLA temporaries, not done)
 
     kernel2, bias2, scale = _fold(kernel2, bias2, gamma, x.dtype)
     kernel2, bias2 = ops.convert_to_tensor(kernel2), ops.convert_to_tensor(bias2)  # arrays, not Keras variables
@@ -604,35 +604,47 @@ def mlp_jax(x, kernel1, bias1, kernel2, bias2, gamma, training=None, norm=None):
     return y if scale is None else y * ops.cast(scale, y.dtype)
 
 
-def _norm_dense_tensorflow(x, ln_gamma, ln_beta, epsilon, kernel, bias, training):
+def _norm_dense_tensorflow(x, ln_gamma, ln_beta, epsilon, kernel, bias, conv=None):
     """LayerNorm(x) @ kernel + bias as a 2-D (rows, units) map, with one gradient that keeps x alone and
-    recomputes LayerNorm's output from it after the upstream gradient arrives; None outside training or
-    where XLA cannot compile (`xla_layer_norm_tensorflow`). `kernel` and `bias` in x's dtype."""
-    xla = xla_layer_norm_tensorflow(epsilon) if training else None
-    if xla is None:
-        return None  # (mlp_tensorflow has returned None before it got here)
+    recomputes LayerNorm's output from it after the upstream gradient arrives; with `conv`, the depthwise
+    conv's (kernel, bias), x is first convolved (`depthwise_conv_same_keras`) and the convolution recomputed
+    too, so the gradient keeps the block's input alone. In training, where XLA compiles
+    (`mlp_tensorflow` checks); `kernel` and `bias` in x's dtype."""
     import tensorflow as tf
 
+    xla = xla_layer_norm_tensorflow(epsilon)
     ln_gamma, ln_beta = (tf.cast(v, _at_least_float32(x.dtype)) for v in (ln_gamma, ln_beta))
     shape, channels = tf.shape(x), x.shape[-1]
+    conv = () if conv is None else tuple(tf.cast(v, x.dtype) for v in conv)
+
+    def convolved(x, conv):
+        return depthwise_conv_same_keras(x, *conv) if conv else x
 
     @tf.custom_gradient
-    def norm_dense(x, ln_gamma, ln_beta, kernel, bias):
+    def norm_dense(x, ln_gamma, ln_beta, kernel, bias, *conv):
         def grad(upstream):
             with tf.control_dependencies([upstream]):  # recomputed in the backward pass, not kept (mlp_tensorflow)
                 late = tf.identity(x)
             d_normed = tf.reshape(tf.matmul(upstream, kernel, transpose_b=True), shape)
-            normed = tf.reshape(xla[0](late, ln_gamma, ln_beta), (-1, channels))
+            h = convolved(late, conv)
+            normed = tf.reshape(xla[0](h, ln_gamma, ln_beta), (-1, channels))
             d_kernel = tf.matmul(normed, upstream, transpose_a=True)
-            return (*xla[1](late, ln_gamma, d_normed), d_kernel, tf.reduce_sum(upstream, axis=0))
+            d_h, d_gamma, d_beta = xla[1](h, ln_gamma, d_normed)
+            grads = [d_h, d_gamma, d_beta, d_kernel, tf.reduce_sum(upstream, axis=0)]
+            if conv:  # TensorFlow's own depthwise gradients, as its autodiff of the forward takes
+                strides = [1, 1, 1, 1]
+                grads[0] = tf.nn.depthwise_conv2d_backprop_input(shape, conv[0], d_h, strides, "SAME")
+                grads += [tf.nn.depthwise_conv2d_backprop_filter(late, tf.shape(conv[0]), d_h, strides, "SAME"),
+                          tf.reduce_sum(tf.reshape(d_h, (-1, channels)), axis=0)]
+            return grads
 
-        normed = tf.reshape(xla[0](x, ln_gamma, ln_beta), (-1, channels))
+        normed = tf.reshape(xla[0](convolved(x, conv), ln_gamma, ln_beta), (-1, channels))
         return tf.nn.bias_add(tf.matmul(normed, kernel), bias), grad
 
-    return norm_dense(x, ln_gamma, ln_beta, kernel, bias)
+    return norm_dense(x, ln_gamma, ln_beta, kernel, bias, *conv)
 
 
-def mlp_tensorflow(x, kernel1, bias1, kernel2, bias2, gamma, training=None, norm=None):
+def mlp_tensorflow(x, kernel1, bias1, kernel2, bias2, gamma, training=None, norm=None, conv=None):
     # The same for TensorFlow: tf.matmul's gradient keeps GELU's output for pwconv2's kernel gradient, beside
     # the GELU's input that `_gelu_tensorflow` keeps. Here GELU -> pwconv2 has one gradient that keeps the
     # input alone and recomputes the GELU and its slope from it (`xla_gelu_tensorflow` in training). The
@@ -642,19 +654,19 @@ def mlp_tensorflow(x, kernel1, bias1, kernel2, bias2, gamma, training=None, norm
     import tensorflow as tf
 
     ln_gamma, ln_beta, epsilon = norm or (None, None, None)
-    if norm is not None and not (training and xla_layer_norm_tensorflow(epsilon)):
+    if (norm is not None or conv is not None) and not (norm and training and xla_layer_norm_tensorflow(epsilon)):
         return None  # before any op: a traced graph would keep the unused reads and folds (and run them)
-    kernel1, bias1, kernel2, bias2, gamma, ln_gamma, ln_beta = _after(x, kernel1, bias1, kernel2, bias2, gamma,
-                                                                      ln_gamma, ln_beta)
+    conv_kernel, conv_bias = conv or (None, None)
+    kernel1, bias1, kernel2, bias2, gamma, ln_gamma, ln_beta, conv_kernel, conv_bias = _after(
+        x, kernel1, bias1, kernel2, bias2, gamma, ln_gamma, ln_beta, conv_kernel, conv_bias)
     kernel2, bias2, scale = _fold(kernel2, bias2, gamma, x.dtype)
     kernel1, bias1, kernel2, bias2 = (tf.cast(v, x.dtype) for v in (kernel1, bias1, kernel2, bias2))
     shape = tf.shape(x)
     if norm is None:
         hidden = _bias_add_tensorflow(tf.matmul(tf.reshape(x, (-1, x.shape[-1])), kernel1), bias1)
     else:
-        hidden = _norm_dense_tensorflow(x, ln_gamma, ln_beta, epsilon, kernel1, bias1, training)
-        if hidden is None:
-            return None
+        hidden = _norm_dense_tensorflow(x, ln_gamma, ln_beta, epsilon, kernel1, bias1,
+                                        None if conv is None else (conv_kernel, conv_bias))
 
     @tf.custom_gradient
     def gelu_dense(h, kernel, bias):
@@ -680,7 +692,7 @@ def mlp_tensorflow(x, kernel1, bias1, kernel2, bias2, gamma, training=None, norm
 MLP_REMAT_FORMULATIONS = {"jax": mlp_jax, "tensorflow": mlp_tensorflow}
 
 
-def mlp(x, kernel1, bias1, kernel2, bias2, gamma=None, training=None, norm=None):
+def mlp(x, kernel1, bias1, kernel2, bias2, gamma=None, training=None, norm=None, conv=None):
     """(gelu(x @ kernel1 + bias1) @ kernel2 + bias2) * gamma, keeping only the hidden map for the gradient; or None.
 
     The same numbers as pwconv1 (with its GELU), pwconv2 and the layer scale step by step (the scale folded
@@ -688,9 +700,11 @@ def mlp(x, kernel1, bias1, kernel2, bias2, gamma=None, training=None, norm=None)
     LayerNorm's (gamma, beta, epsilon) over the last axis, `x` is first normalised (`layer_norm`'s maths), and
     the gradient keeps LayerNorm's input instead of its output as well: one C-wide map per block less. None
     where there is no such form (TensorFlow: outside training, or without XLA): normalise, then call it again.
+    With `conv` as well, a depthwise conv's (kernel, bias), `x` is first convolved (`depthwise_conv_same`'s
+    maths, 'same' padding) and the gradient keeps `x` alone (TensorFlow in training; None elsewhere).
     """
     form = MLP_REMAT_FORMULATIONS.get(forms_here(x.dtype)["dense"])
-    return form(x, kernel1, bias1, kernel2, bias2, gamma, training, norm) if form else None
+    return form(x, kernel1, bias1, kernel2, bias2, gamma, training, norm, conv) if form else None
 
 
 # A block's tail fused: only where a backend has a fused form (eager PyTorch inference); under

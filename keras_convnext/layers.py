@@ -420,13 +420,16 @@ class ConvNeXtBlock(keras.layers.Layer):
         only) nor, through the residual, the next block's dwconv. So `x` is zeroed before the GRN and the
         block's output is zeroed at the end.
         """
+        plain = keep is None and self._plain_mlp(inputs)
+        own_norm = plain and isinstance(self.norm, LayerNorm) and self.norm._fusable(inputs)
+        if own_norm and type(self.dwconv) is DepthwiseConv and self.dwconv.kernel_size == 7:
+            # The whole branch with a gradient that keeps the block's input alone (TensorFlow in training).
+            y = self._fused_mlp(inputs, training, conv=(self.dwconv.kernel, self.dwconv.bias))
+            if y is not None:
+                return self._residual(inputs, y, training)
         x = self.dwconv(inputs)
-        plain = keep is None and self._plain_mlp(x)
-        if plain and isinstance(self.norm, LayerNorm) and self.norm._fusable(x):
-            # LayerNorm, MLP and layer scale with a gradient that keeps LayerNorm's input, not its output.
-            y = backend_ops.mlp(x, self.pwconv1.kernel, self.pwconv1.bias, self.pwconv2.kernel, self.pwconv2.bias,
-                                self.gamma, training=training, norm=(self.norm.gamma, self.norm.beta,
-                                                                     self.norm.epsilon))
+        if own_norm:  # LayerNorm, MLP and layer scale with a gradient that keeps LayerNorm's input, not its output
+            y = self._fused_mlp(x, training)
             if y is not None:
                 return self._residual(inputs, y, training)
         x = self.norm(x)
@@ -458,6 +461,12 @@ class ConvNeXtBlock(keras.layers.Layer):
             if fused is not None:
                 return fused
         return self._residual(inputs, self._pwconv2_scaled(x), training)
+
+    def _fused_mlp(self, x, training, conv=None):
+        """`backend_ops.mlp` with this block's LayerNorm (and `conv`, its depthwise conv's variables), or None."""
+        return backend_ops.mlp(x, self.pwconv1.kernel, self.pwconv1.bias, self.pwconv2.kernel, self.pwconv2.bias,
+                               self.gamma, training=training, conv=conv,
+                               norm=(self.norm.gamma, self.norm.beta, self.norm.epsilon))
 
     def _residual(self, inputs, branch, training):
         """inputs + the residual branch, after stochastic depth."""

@@ -400,42 +400,52 @@ def test_the_mlp_keeps_one_hidden_map_for_its_gradient_with_the_plain_numbers(is
     assert [m for m in maps if m.endswith(",24]")] == ["f32[2,5,7,24]"], kept
 
 
-NORM_NAMES = ("x", "ln_gamma", "ln_beta") + NAMES[1:]
+NORM_NAMES = ("x", "ln_gamma", "ln_beta") + NAMES[1:] + ("dw_kernel", "dw_bias")
 
 
-def _norm_mlp_inputs(seed=21):
+def _norm_mlp_inputs(seed=21, conv=False):
     x, ln_gamma, ln_beta = _norm_inputs(seed, shape=(2, 5, 7, 6))
-    return (x, ln_gamma, ln_beta) + _mlp_inputs(seed)[1:]
+    rng = np.random.default_rng(seed + 2)
+    depthwise = (rng.standard_normal((7, 7, 6, 1)).astype("float32") * 0.2, rng.standard_normal(6).astype("float32"))
+    return (x, ln_gamma, ln_beta) + _mlp_inputs(seed)[1:] + (depthwise if conv else ())
 
 
-def _norm_mlp(x, ln_gamma, ln_beta, *mlp_params, training=True, dtype="float32"):
-    out = backend_ops.mlp(keras.ops.cast(x, dtype), *mlp_params, training=training, norm=(ln_gamma, ln_beta, 1e-6))
+def _norm_mlp(x, ln_gamma, ln_beta, *params, training=True, dtype="float32", conv=False):
+    mlp_params, conv_params = (params[:-2], params[-2:]) if conv else (params, None)
+    out = backend_ops.mlp(keras.ops.cast(x, dtype), *mlp_params, training=training, norm=(ln_gamma, ln_beta, 1e-6),
+                          conv=conv_params)
     return out if out is None else keras.ops.cast(out, "float32")
 
 
-def _step_by_step_norm_mlp(x, ln_gamma, ln_beta, *mlp_params, dtype="float32"):
-    """LayerNorm, then the MLP, in Keras's own ops: the maths `mlp(..., norm=...)` computes at once."""
-    kernel1, bias1, kernel2, bias2, gamma = mlp_params
-    normed = backend_ops.layer_norm_keras(keras.ops.cast(x, dtype), ln_gamma, ln_beta, 1e-6)
+def _step_by_step_norm_mlp(x, ln_gamma, ln_beta, *params, dtype="float32", conv=False):
+    """(The depthwise conv,) LayerNorm, then the MLP, in Keras's own ops: the maths `mlp(..., norm=..., conv=...)`
+    computes at once."""
+    x = keras.ops.cast(x, dtype)
+    if conv:
+        x, params = backend_ops.depthwise_conv_same_keras(x, *params[-2:]), params[:-2]
+    kernel1, bias1, kernel2, bias2, gamma = params
+    normed = backend_ops.layer_norm_keras(x, ln_gamma, ln_beta, 1e-6)
     hidden = backend_ops.dense_keras(keras.ops.cast(normed, dtype), kernel1, bias1, True)
     return keras.ops.cast(backend_ops.dense_keras(hidden, kernel2, bias2, False), "float32") * gamma
 
 
 @pytest.mark.parametrize("isa", ["avx2", "amx"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_the_normalised_mlp_keeps_layer_norms_input_alone_for_its_gradient_with_the_plain_numbers(isa, dtype,
-                                                                                                  monkeypatch, capsys):
+@pytest.mark.parametrize("conv", [False, True])
+def test_the_normalised_mlp_keeps_layer_norms_input_alone_for_its_gradient_with_the_plain_numbers(
+        isa, dtype, conv, monkeypatch, capsys):
     # backend_ops.mlp with `norm`: LayerNorm and pwconv1 under one gradient (JAX: one jax.checkpoint, for a
     # bfloat16 map only; TensorFlow in training: one tf.custom_gradient of XLA's LayerNorm), so LayerNorm's
-    # output is recomputed, not kept.
+    # output is recomputed, not kept; with `conv` too (TensorFlow only) the depthwise conv before it, so the
+    # gradient keeps the block's input alone.
     fake_hardware(monkeypatch, "cpu", isa)
-    inputs = _norm_mlp_inputs()
+    inputs = _norm_mlp_inputs(conv=conv)
     upstream = np.random.default_rng(23).standard_normal((2, 5, 7, 6)).astype("float32")
     tensors = [keras.ops.convert_to_tensor(v) for v in inputs]
     backend = keras.backend.backend()
-    fused, plain = (functools.partial(f, dtype=dtype) for f in (_norm_mlp, _step_by_step_norm_mlp))
-    if backend == "torch" or (backend == "jax" and dtype == "float32"):
-        assert fused(*tensors) is None  # step by step (the block normalises, then calls its MLP)
+    fused, plain = (functools.partial(f, dtype=dtype, conv=conv) for f in (_norm_mlp, _step_by_step_norm_mlp))
+    if backend == "torch" or (backend == "jax" and (dtype == "float32" or conv)):
+        assert fused(*tensors) is None  # step by step (the block convolves, normalises, then calls its MLP)
         return
     tolerance = 1e-5 if dtype == "float32" else 0.03
     expected = keras.ops.convert_to_numpy(plain(*tensors))
@@ -451,7 +461,8 @@ def test_the_normalised_mlp_keeps_layer_norms_input_alone_for_its_gradient_with_
     assert fused(*tensors) is None  # Keras's own ops there
     fake_hardware(monkeypatch, "cpu", isa)
     if backend == "tensorflow":
-        tf_checks_of_the_normalised_mlp_in_a_graph(fused, inputs, upstream, expected_grads, tolerance, monkeypatch)
+        tf_checks_of_the_normalised_mlp_in_a_graph(fused, inputs, upstream, expected_grads, tolerance, conv,
+                                                   monkeypatch)
         return
     # What the gradient keeps: of the C-wide maps, the input alone (LayerNorm's; pwconv1's is recomputed).
     import jax
@@ -463,9 +474,11 @@ def test_the_normalised_mlp_keeps_layer_norms_input_alone_for_its_gradient_with_
     assert sorted(maps) == ["bf16[2,5,7,24]", "bf16[2,5,7,6]"], kept  # pwconv1's output, LayerNorm's input
 
 
-def tf_checks_of_the_normalised_mlp_in_a_graph(fused, inputs, upstream, expected_grads, tolerance, monkeypatch):
-    """TensorFlow: in a tf.function, the training form's gradient with LayerNorm's output recomputed once the
-    upstream gradient is there; outside training, or without XLA, None (the block then normalises first)."""
+def tf_checks_of_the_normalised_mlp_in_a_graph(fused, inputs, upstream, expected_grads, tolerance, conv,
+                                               monkeypatch):
+    """TensorFlow: in a tf.function, the training form's gradient with LayerNorm's output (and the depthwise
+    conv's) recomputed once the upstream gradient is there; outside training, or without XLA, None (the block
+    then runs the step before first)."""
     import tensorflow as tf
 
     variables = [tf.Variable(v) for v in inputs]
@@ -478,17 +491,20 @@ def tf_checks_of_the_normalised_mlp_in_a_graph(fused, inputs, upstream, expected
 
     for name, e, g in zip(NORM_NAMES, expected_grads, step()):
         np.testing.assert_allclose(g.numpy(), e, atol=tolerance * np.abs(e).max(), rtol=0, err_msg=name)
-    graph = step.get_concrete_function().graph
-    calls = [op for op in graph.get_operations() if op.type in ("PartitionedCall", "StatefulPartitionedCall")]
+    ops = step.get_concrete_function().graph.get_operations()
+    calls = [op for op in ops if op.type in ("PartitionedCall", "StatefulPartitionedCall")]
     # Forward: LayerNorm, GELU; backward: GELU and slope (mlp_tensorflow), LayerNorm recomputed and its backward.
     assert len(calls) == 6, [op.type for op in calls]
-    # The backward's two LayerNorm calls (recomputation, gradient) read an Identity of the forward LayerNorm's
-    # input that waits on the upstream gradient (a control input): TensorFlow would otherwise run the
-    # recomputation in the forward pass and keep its map.
-    x = calls[0].inputs[0].name
-    late = [op for op in calls if any(t.op.type == "Identity" and t.op.control_inputs and t.op.inputs[0].name == x
-                                      for t in op.inputs)]
-    assert late == calls[-2:], [(op.name, [t.op.name for t in op.inputs]) for op in calls]
+    # The backward's reads of the saved input (LayerNorm's two calls; with `conv`, the recomputed convolution
+    # and its kernel gradient) read an Identity of it that waits on the upstream gradient (a control input):
+    # TensorFlow would otherwise recompute in the forward pass and keep the map.
+    convs = [op for op in ops if op.type == "DepthwiseConv2dNative"]
+    readers = (convs[1:] + [op for op in ops if op.type == "DepthwiseConv2dNativeBackpropFilter"]) if conv \
+        else calls[-2:]
+    x = (convs[0] if conv else calls[0]).inputs[0].name
+    late = [op for op in ops if any(t.op.type == "Identity" and t.op.control_inputs and t.op.inputs[0].name == x
+                                    for t in op.inputs)]
+    assert len(readers) == 2 and late == readers, ([op.name for op in readers], [op.name for op in late])
     assert fused(*variables, training=None) is None  # inference: TensorFlow's ops, fused by grappler
     monkeypatch.setattr(backend_ops, "xla_gelu_tensorflow", lambda: None)  # a TensorFlow without XLA's CPU JIT
     assert fused(*variables) is None

@@ -568,13 +568,13 @@ def test_the_layer_scale_folds_into_pwconv2_with_the_same_values_and_gradients(p
 
 
 @pytest.mark.parametrize("which, kind", [("pwconv1", "subclass"), ("pwconv2", "subclass"), ("pwconv2", "dense"),
-                                         ("norm", "subclass"), ("norm", "stock")])
+                                         ("norm", "subclass"), ("norm", "stock"), ("dwconv", "subclass")])
 def test_a_block_runs_a_replaced_pointwise_layer_as_itself(which, kind, monkeypatch):
     # The block's fused forms (backend_ops.mlp, with LayerNorm or without, torch's tiles on an AVX2 CPU, the layer
     # scale folded into pwconv2, the fused tail) compute PointwiseDense's and LayerNorm's own maths: a subclass
     # with a call of its own, or a stock Keras layer, put in a block must run as itself.
     from keras_convnext import backend_ops
-    from keras_convnext.layers import LayerNorm, PointwiseDense
+    from keras_convnext.layers import DepthwiseConv, LayerNorm, PointwiseDense
 
     class Doubled(PointwiseDense):
         def call(self, inputs):
@@ -584,15 +584,23 @@ def test_a_block_runs_a_replaced_pointwise_layer_as_itself(which, kind, monkeypa
         def call(self, inputs, training=None):
             return super().call(inputs, training=training) * 2.0
 
+    class DoubledConv(DepthwiseConv):  # (scaled per channel: the LayerNorm after it would undo a doubling)
+        def call(self, inputs):
+            out = super().call(inputs)
+            return out * keras.ops.cast(keras.ops.linspace(0.5, 2.0, out.shape[-1]), out.dtype)
+
     fake_hardware(monkeypatch, "cpu", "avx2")  # the row with the most fused forms on every backend
     x = np.random.default_rng(9).standard_normal((2, 8, 8, 16)).astype("float32")
     stock = kc.ConvNeXtBlock(16, 0.0, 0.5)
     plain_out = keras.ops.convert_to_numpy(stock(x, training=False))
     block = kc.ConvNeXtBlock(16, 0.0, 0.5)
     old = getattr(block, which)
-    if which == "norm":
+    if which == "dwconv":
+        layer = DoubledConv
+        setattr(block, which, layer(7, name=old.name))  # before the build
+    elif which == "norm":
         layer = DoubledNorm if kind == "subclass" else keras.layers.LayerNormalization
-        setattr(block, which, layer(epsilon=old.epsilon, name=old.name))  # before the build
+        setattr(block, which, layer(epsilon=old.epsilon, name=old.name))
     else:
         layer = Doubled if kind == "subclass" else keras.layers.Dense
         setattr(block, which, layer(old.units, activation=old.activation, name=old.name))
@@ -607,8 +615,9 @@ def test_a_block_runs_a_replaced_pointwise_layer_as_itself(which, kind, monkeypa
 
         def counted(*a, _f=original, _n=name, **k):
             out = _f(*a, **k)
-            if out is not None and (which != "norm" or k.get("norm") is not None):  # a replaced norm: only the
-                fused.append(_n)                                                  # MLP after it may fuse
+            replaced = {"norm": "norm", "dwconv": "conv"}.get(which)  # a replaced norm or conv: only what
+            if out is not None and (replaced is None or k.get(replaced) is not None):  # follows it may fuse
+                fused.append(_n)
             return out
 
         monkeypatch.setattr(backend_ops, name, counted)
@@ -618,7 +627,7 @@ def test_a_block_runs_a_replaced_pointwise_layer_as_itself(which, kind, monkeypa
         out = keras.ops.convert_to_numpy(block(x, training=training))
         np.testing.assert_allclose(out, expected, atol=1e-5, rtol=1e-5)
     assert not fused, fused
-    if kind == "subclass":  # the doubling shows in the output
+    if kind == "subclass":  # the doubling (or scaling) shows in the output
         assert np.abs(out - plain_out).max() > 0.2 * np.abs(plain_out - x).max()
     else:  # a stock Dense's or LayerNormalization's own maths are the same
         np.testing.assert_allclose(out, plain_out, atol=1e-5, rtol=1e-5)
