@@ -352,11 +352,13 @@ class ConvNeXtBlock(keras.layers.Layer):
     4C-wide hidden map never whole) and the last three steps as one oneDNN GEMM on other CPUs
     (`PointwiseDense.scale_add`). On JAX's and TensorFlow's CPU forms, GELU and pwconv2 are
     rematerialised together (`backend_ops.mlp`), so the gradient keeps one 4C-wide map per block, and so are
-    LayerNorm and pwconv1 (on TensorFlow in training), so it keeps LayerNorm's input and not its output.
+    LayerNorm and pwconv1 (JAX in mixed precision; TensorFlow in training, with the depthwise conv too), so it
+    keeps LayerNorm's (or the block's) input and not their outputs.
     Otherwise the layer scale is folded into pwconv2's kernel and bias on a CPU (`PointwiseDense.scaled`),
     and the residual added: the same numbers. These fused forms compute PointwiseDense's own maths, so they
-    run only where pwconv1 and pwconv2 are PointwiseDense, and the norm LayerNorm, with their own call: a
-    subclass with a call of its own, or another layer, put in their place runs as itself, step by step.
+    run only where pwconv1 and pwconv2 are PointwiseDense, the norm LayerNorm and the dwconv DepthwiseConv,
+    with their own call: a subclass with a call of its own, or another layer, put in their place runs as
+    itself, step by step.
 
     Args:
         dim: channels in and out.
