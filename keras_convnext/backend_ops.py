@@ -131,7 +131,7 @@ def depthwise_conv_same_shifted_jax(x, kernel, bias):
 def depthwise_conv_same_keras(x, kernel, bias):
     from keras import ops
 
-    y = ops.depthwise_conv(x, ops.cast(kernel, x.dtype), strides=1, padding="same")
+    y = ops.depthwise_conv(x, ops.cast(kernel, x.dtype), strides=1, padding="same", data_format="channels_last")
     return y + ops.cast(bias, x.dtype)
 
 
@@ -469,10 +469,10 @@ def _gelu_tensorflow(y, training=None):
 def _bias_add_tensorflow(y, bias):
     """tf.nn.bias_add of a 2-D map, with a bias gradient summed by reduce_sum for a bfloat16 map.
 
-    TensorFlow's BiasAddGrad accumulates a bfloat16 gradient in bfloat16: for 50,176 rows (ConvNeXt-T's stage 0
-    at batch 16) of values near 3 its sums were off by 99% of their size, reduce_sum's by 0.3% (its final
-    rounding). The forward op is the same BiasAdd, which grappler still fuses into the MatMul before it and
-    the GELU after (measured: 25.4 against 25.1 ms on the stage-0 pwconv1 in bfloat16).
+    TensorFlow's BiasAddGrad accumulates a bfloat16 gradient in bfloat16, so over many rows (ConvNeXt's stage 0
+    has 50,176 at batch 16) its sums stall; reduce_sum's are off by its final rounding only (measured in
+    docs/performance.md). The forward op is the same BiasAdd, which grappler still fuses into the MatMul before
+    it and the GELU after.
     """
     import tensorflow as tf
 
@@ -578,14 +578,14 @@ def mlp_jax(x, kernel1, bias1, kernel2, bias2, gamma, training=None, norm=None, 
     # (`dense_jax`). With `norm`, LayerNorm and pwconv1 are rematerialised together likewise: pwconv1's
     # kernel gradient needs LayerNorm's output, which the backward pass recomputes from LayerNorm's input
     # (kept for LayerNorm's own gradient anyway), so one C-wide map per block less is kept. Only for a
-    # half-precision map: in float32 the recomputation cost 6% of a ConvNeXt-T step for 50-100 MB of its
-    # peak (three pairs, docs/performance.md), so None there (the block normalises, then calls again).
+    # half-precision map: in float32 the recomputation slowed a ConvNeXt-T step more than its memory was
+    # worth (docs/performance.md), so None there (the block normalises, then calls again).
     import jax
     import jax.numpy as jnp
     from keras import ops
 
-    if (norm is not None and x.dtype == jnp.float32) or conv is not None:
-        return None  # (the depthwise conv recomputed too: 1,191 -> 1,171 MB of XLA temporaries, not done)
+    if (norm is not None and x.dtype not in (jnp.bfloat16, jnp.float16)) or conv is not None:
+        return None  # (the depthwise conv recomputed too saved XLA little memory: docs/performance.md)
 
     kernel2, bias2, scale = _fold(kernel2, bias2, gamma, x.dtype)
     kernel2, bias2 = ops.convert_to_tensor(kernel2), ops.convert_to_tensor(bias2)  # arrays, not Keras variables
@@ -654,8 +654,13 @@ def mlp_tensorflow(x, kernel1, bias1, kernel2, bias2, gamma, training=None, norm
     import tensorflow as tf
 
     ln_gamma, ln_beta, epsilon = norm or (None, None, None)
-    if (norm is not None or conv is not None) and not (norm and training and xla_layer_norm_tensorflow(epsilon)):
-        return None  # before any op: a traced graph would keep the unused reads and folds (and run them)
+    # The fused forms only in training, where XLA compiles, and with `conv` where the dispatched depthwise form
+    # is Keras's (the one recomputed here); decided before any op: a traced graph would keep (and run) reads
+    # and folds that nothing uses.
+    fusable = norm is not None and training and xla_layer_norm_tensorflow(epsilon) and (
+        conv is None or forms_here(x.dtype)["depthwise"] == "keras")
+    if (norm is not None or conv is not None) and not fusable:
+        return None
     conv_kernel, conv_bias = conv or (None, None)
     kernel1, bias1, kernel2, bias2, gamma, ln_gamma, ln_beta, conv_kernel, conv_bias = _after(
         x, kernel1, bias1, kernel2, bias2, gamma, ln_gamma, ln_beta, conv_kernel, conv_bias)
@@ -699,7 +704,8 @@ def mlp(x, kernel1, bias1, kernel2, bias2, gamma=None, training=None, norm=None,
     into pwconv2 as `dense_scaled`); None where the dispatched dense form has no such form. With `norm`, a
     LayerNorm's (gamma, beta, epsilon) over the last axis, `x` is first normalised (`layer_norm`'s maths), and
     the gradient keeps LayerNorm's input instead of its output as well: one C-wide map per block less. None
-    where there is no such form (TensorFlow: outside training, or without XLA): normalise, then call it again.
+    where there is no such form (TensorFlow: outside training, or without XLA; JAX: a float32 or float64 map):
+    normalise, then call it again.
     With `conv` as well, a depthwise conv's (kernel, bias), `x` is first convolved (`depthwise_conv_same`'s
     maths, 'same' padding) and the gradient keeps `x` alone (TensorFlow in training; None elsewhere).
     """

@@ -184,6 +184,12 @@ class DepthwiseConv(keras.layers.Layer):
                                       initializer=self.kernel_initializer)
         self.bias = self.add_weight(name="bias", shape=(channels,), initializer=HostConstant(0.0))
 
+    def _fusable(self, inputs):
+        """This class's own call on `inputs` in the compute dtype: what a block's fused form
+        (`backend_ops.mlp` with `conv`) computes in its place."""
+        return (type(self).call is DepthwiseConv.call
+                and keras.backend.standardize_dtype(inputs.dtype) == self.compute_dtype)
+
     def call(self, inputs):
         return backend_ops.depthwise_conv_same(inputs, self.kernel, self.bias)
 
@@ -352,13 +358,13 @@ class ConvNeXtBlock(keras.layers.Layer):
     4C-wide hidden map never whole) and the last three steps as one oneDNN GEMM on other CPUs
     (`PointwiseDense.scale_add`). On JAX's and TensorFlow's CPU forms, GELU and pwconv2 are
     rematerialised together (`backend_ops.mlp`), so the gradient keeps one 4C-wide map per block, and so are
-    LayerNorm and pwconv1 (JAX in mixed precision; TensorFlow in training, with the depthwise conv too), so it
-    keeps LayerNorm's (or the block's) input and not their outputs.
+    LayerNorm and pwconv1 (JAX in half precision; TensorFlow in training where XLA compiles, with the depthwise
+    conv too), so it keeps LayerNorm's (or the block's) input and not their outputs.
     Otherwise the layer scale is folded into pwconv2's kernel and bias on a CPU (`PointwiseDense.scaled`),
     and the residual added: the same numbers. These fused forms compute PointwiseDense's own maths, so they
     run only where pwconv1 and pwconv2 are PointwiseDense, the norm LayerNorm and the dwconv DepthwiseConv,
-    with their own call: a subclass with a call of its own, or another layer, put in their place runs as
-    itself, step by step.
+    with their own call and the block's compute dtype: a subclass with a call of its own, or another layer,
+    put in their place runs as itself, step by step.
 
     Args:
         dim: channels in and out.
@@ -422,19 +428,20 @@ class ConvNeXtBlock(keras.layers.Layer):
         only) nor, through the residual, the next block's dwconv. So `x` is zeroed before the GRN and the
         block's output is zeroed at the end.
         """
-        plain = keep is None and self._plain_mlp(inputs)
-        own_norm = plain and isinstance(self.norm, LayerNorm) and self.norm._fusable(inputs)
-        if own_norm and type(self.dwconv) is DepthwiseConv and self.dwconv.kernel_size == 7:
+        if (keep is None and self._plain_mlp(inputs) and isinstance(self.dwconv, DepthwiseConv)
+                and self.dwconv._fusable(inputs) and self._own_norm(inputs)):
             # The whole branch with a gradient that keeps the block's input alone (TensorFlow in training).
             y = self._fused_mlp(inputs, training, conv=(self.dwconv.kernel, self.dwconv.bias))
             if y is not None:
                 return self._residual(inputs, y, training)
         x = self.dwconv(inputs)
-        if own_norm:  # LayerNorm, MLP and layer scale with a gradient that keeps LayerNorm's input, not its output
+        if keep is None and self._plain_mlp(x) and self._own_norm(x):
+            # LayerNorm, MLP and layer scale with a gradient that keeps LayerNorm's input, not its output.
             y = self._fused_mlp(x, training)
             if y is not None:
                 return self._residual(inputs, y, training)
         x = self.norm(x)
+        plain = keep is None and self._plain_mlp(x)
         # The fused inference forms: a layer scale, and no path to drop (a frozen block in training still drops it).
         fusable = self.gamma is not None and not (training and self.drop_path is not None)
         if plain and fusable:
@@ -463,6 +470,10 @@ class ConvNeXtBlock(keras.layers.Layer):
             if fused is not None:
                 return fused
         return self._residual(inputs, self._pwconv2_scaled(x), training)
+
+    def _own_norm(self, x):
+        """The norm is LayerNorm with its own call, over the channels of `x`, in `x`'s dtype."""
+        return isinstance(self.norm, LayerNorm) and self.norm._fusable(x)
 
     def _fused_mlp(self, x, training, conv=None):
         """`backend_ops.mlp` with this block's LayerNorm (and `conv`, its depthwise conv's variables), or None."""

@@ -517,7 +517,7 @@ def test_bias_gradients_of_a_bfloat16_map_are_summed_without_stalling(op):
     # 99% at 50,176. Every form's sums are within bfloat16's rounding of the exact sum of the upstream.
     rng = np.random.default_rng(29)
     rows, channels = 8192, 4
-    x = (rng.standard_normal((1, rows, 1, channels)) * 0.1 + 5).astype("float32")  # GELU's slope 1 there
+    x = (rng.standard_normal((1, rows, 1, channels)) * 0.1 + 5).astype("float32")  # dense_gelu: GELU's slope 1
     upstream = (rng.standard_normal((1, rows, 1, channels)) * 0.1 + 3).astype("float32")
     kernel, bias = np.eye(channels, dtype="float32"), np.zeros(channels, "float32")
     wide, narrow, wide_bias = np.tile(kernel, (1, 4)) * 0.25, np.tile(kernel, (4, 1)), np.zeros(4 * channels, "float32")

@@ -633,6 +633,27 @@ def test_a_block_runs_a_replaced_pointwise_layer_as_itself(which, kind, monkeypa
         np.testing.assert_allclose(out, plain_out, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("which", ["dwconv", "norm"])
+def test_a_block_runs_a_sublayer_with_another_dtype_policy_step_by_step(which, monkeypatch):
+    # The fused forms compute in the block's dtype: a float32 dwconv or norm in a mixed_bfloat16 block runs as
+    # itself, and the block's output stays in the block's compute dtype (pwconv1 casts the float32 map back).
+    fake_hardware(monkeypatch, "cpu", "avx512")
+    x = np.random.default_rng(11).standard_normal((2, 8, 8, 16)).astype("float32")
+    block = kc.ConvNeXtBlock(16, 0.0, 0.5, dtype="mixed_bfloat16")
+    setattr(block, which, kc.layers.DepthwiseConv(7, name="dwconv", dtype="float32") if which == "dwconv"
+            else kc.layers.LayerNorm(epsilon=1e-6, name="norm", dtype="float32"))
+    block.build(x.shape)
+    assert getattr(block, which).compute_dtype == "float32"
+    h = block.norm(block.dwconv(keras.ops.cast(x, "bfloat16")))
+    expected = x + keras.ops.convert_to_numpy(keras.ops.cast(block.pwconv2(block.pwconv1(h)) * block.gamma,
+                                                              "float32"))
+    for training in (False, True):
+        out = block(x, training=training)
+        assert keras.backend.standardize_dtype(out.dtype) == "bfloat16", training
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(keras.ops.cast(out, "float32")), expected,
+                                   atol=0.05 * np.abs(expected).max(), rtol=0)
+
+
 def backend_gradients(model, x):
     """d(sum of outputs) / d(trainable variables), in each backend's own autodiff."""
     backend = keras.backend.backend()
