@@ -595,7 +595,7 @@ def mlp_jax(x, kernel1, bias1, kernel2, bias2, gamma, training=None, norm=None, 
         ln_gamma, ln_beta, epsilon = norm
 
         def norm_dense(x, ln_gamma, ln_beta, kernel, bias):
-            normed = ops.layer_normalization(x, ln_gamma, ln_beta, -1, epsilon).astype(x.dtype)
+            normed = layer_norm_keras(x, ln_gamma, ln_beta, epsilon).astype(x.dtype)
             return dense_jax(normed, kernel, bias, False)
 
         hidden = jax.checkpoint(norm_dense)(x, *(ops.convert_to_tensor(v) for v in (ln_gamma, ln_beta, kernel1,

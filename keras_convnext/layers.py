@@ -431,13 +431,13 @@ class ConvNeXtBlock(keras.layers.Layer):
         if (keep is None and self._plain_mlp(inputs) and isinstance(self.dwconv, DepthwiseConv)
                 and self.dwconv._fusable(inputs) and self._own_norm(inputs)):
             # The whole branch with a gradient that keeps the block's input alone (TensorFlow in training).
-            y = self._fused_mlp(inputs, training, conv=(self.dwconv.kernel, self.dwconv.bias))
+            y = self._fused_mlp(inputs, training, norm=True, conv=(self.dwconv.kernel, self.dwconv.bias))
             if y is not None:
                 return self._residual(inputs, y, training)
         x = self.dwconv(inputs)
         if keep is None and self._plain_mlp(x) and self._own_norm(x):
             # LayerNorm, MLP and layer scale with a gradient that keeps LayerNorm's input, not its output.
-            y = self._fused_mlp(x, training)
+            y = self._fused_mlp(x, training, norm=True)
             if y is not None:
                 return self._residual(inputs, y, training)
         x = self.norm(x)
@@ -450,8 +450,7 @@ class ConvNeXtBlock(keras.layers.Layer):
             if tiled is not None:
                 return tiled
         if plain:
-            y = backend_ops.mlp(x, self.pwconv1.kernel, self.pwconv1.bias, self.pwconv2.kernel, self.pwconv2.bias,
-                                self.gamma, training=training)
+            y = self._fused_mlp(x, training)
             if y is not None:
                 return self._residual(inputs, y, training)
         x = self.pwconv1(x)
@@ -475,11 +474,12 @@ class ConvNeXtBlock(keras.layers.Layer):
         """The norm is LayerNorm with its own call, over the channels of `x`, in `x`'s dtype."""
         return isinstance(self.norm, LayerNorm) and self.norm._fusable(x)
 
-    def _fused_mlp(self, x, training, conv=None):
-        """`backend_ops.mlp` with this block's LayerNorm (and `conv`, its depthwise conv's variables), or None."""
+    def _fused_mlp(self, x, training, norm=False, conv=None):
+        """`backend_ops.mlp` of this block's pwconvs and layer scale, with its LayerNorm first if `norm` (and
+        `conv`, its depthwise conv's variables), or None."""
         return backend_ops.mlp(x, self.pwconv1.kernel, self.pwconv1.bias, self.pwconv2.kernel, self.pwconv2.bias,
                                self.gamma, training=training, conv=conv,
-                               norm=(self.norm.gamma, self.norm.beta, self.norm.epsilon))
+                               norm=(self.norm.gamma, self.norm.beta, self.norm.epsilon) if norm else None)
 
     def _residual(self, inputs, branch, training):
         """inputs + the residual branch, after stochastic depth."""
